@@ -1,0 +1,1 @@
+"""Calibration core: recorder, statistics store, input-scale selection, sensitivity. Never imports ComfyUI."""

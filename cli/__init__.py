@@ -1,0 +1,1 @@
+"""The `nvfp4` command line: thin argparse front-ends over `quant` and `calibration`."""

@@ -1,0 +1,1 @@
+"""Quantization core: formats, checkpoint reader/writer, plans, converter, inspection. Never imports ComfyUI."""
