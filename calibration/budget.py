@@ -650,7 +650,14 @@ def _options_for(plan: Any, lname: str, dec: Any, entry: Any, candidates: Sequen
     opts: list[_Option] = []
     bcode, bnumel = (bias if bias else (None, 0))
     nv_static = (amax is not None) if static_nvfp4 is None else static_nvfp4
-    f8_static = (amax is not None) if static_fp8 is None else static_fp8
+    if static_fp8 is None:
+        # FP8 layers the planner creates get the layer's calibrated amax/448 as input_scale when the plan's options
+        # asked for FP8 input scales (--fp8-input-scale); without recorded options, when the report has fp8-static
+        wanted = ((plan.options or {}).get("input_scale") or {}).get("fp8") if isinstance(plan.options, dict) else None
+        f8_static = amax is not None and (bool(wanted) if wanted is not None
+                                          else entry.error(FP8_STATIC) is not None)
+    else:
+        f8_static = static_fp8
     for cand in candidates:
         scale: float | None = None
         if cand == F.NVFP4 and dec.format == F.NVFP4_W4A16:
@@ -664,11 +671,9 @@ def _options_for(plan: Any, lname: str, dec: Any, entry: Any, candidates: Sequen
         elif cand == F.FP8:
             fmt = F.FP8
             probe_name = FP8_STATIC if f8_static and entry.error(FP8_STATIC) is not None else F.FP8
-            has_scale = f8_static
-            if static_fp8 is None and amax is not None and probe_name == FP8_STATIC:
+            has_scale = f8_static         # without an fp8-static result the scale-1.0 error is used (pessimistic)
+            if static_fp8 is None and f8_static and amax is not None:
                 scale = amax / F.F8_E4M3_MAX
-            elif static_fp8 is None:
-                has_scale = False
         elif cand == F.NVFP4_W4A16:
             fmt, probe_name, has_scale = F.NVFP4_W4A16, F.NVFP4_W4A16, nv_static
             if static_nvfp4 is None and amax is not None:

@@ -258,11 +258,20 @@ class LogHistogram:
         return max(0.0, n - self.count_above(threshold, vmin, vmax))
 
     def representatives(self, vmin: float, vmax: float) -> tuple[np.ndarray, np.ndarray]:
-        """One representative value per occupied segment (geometric centre, clamped) and its count: the points the
-        error model integrates over."""
+        """Representative values with counts, for integrating a function over the distribution: the geometric
+        centre of every occupied segment (clamped), except that one value each of the first and last segment is the
+        exact min and max."""
         lo, hi, cnt = self._segments(vmin, vmax)
         mid = self._spread(lo.astype(np.float64), hi.astype(np.float64), np.full(lo.shape, 0.5))
-        return mid, cnt
+        if cnt.size == 0 or cnt.sum() < 2:
+            return (np.array([vmax]), np.array([int(cnt.sum())])) if cnt.size else (mid, cnt)
+        cnt = cnt.copy()
+        cnt[0] -= 1
+        cnt[-1] -= 1
+        vals = np.concatenate([[vmin], mid, [vmax]])
+        cnts = np.concatenate([[1], cnt, [1]])
+        keep = cnts > 0
+        return vals[keep], cnts[keep]
 
     # ------------------------------------------------------------------ JSON
     def to_json(self) -> dict:

@@ -37,10 +37,11 @@ import numpy as np
 
 from ..quant.atomic import atomic_output
 from ..quant.errors import CalibrationError
-from ..quant.formats import NVFP4_SCALE_DENOM
 from .stats import LayerStats, Moments
 from .store import STORE_FORMAT, CalibrationStore
 
+# = quant.formats.NVFP4_SCALE_DENOM (448 · 6), repeated so that calibration code never imports torch (checked by a test)
+NVFP4_SCALE_DENOM = 2688.0
 DEFAULT_PERCENTILES: tuple[float, ...] = (50.0, 90.0, 95.0, 99.0, 99.9)
 STAT_FIELDS = ("min", "max", "mean", "std", "kurtosis", "outlier_frac_3std")
 MODES = ("dynamic", "provided", "all")
@@ -417,9 +418,10 @@ def rebuild_sample(summary: LegacySummary, row: dict) -> np.ndarray:
     order = np.argsort(r, kind="stable")
     r, x = r[order], x[order]
     grid = np.arange(n, dtype=np.float64)
-    if vmin > 0:
-        return np.exp(np.interp(grid, r, np.log(x)))
-    return np.interp(grid, r, x)
+    out = np.exp(np.interp(grid, r, np.log(x))) if vmin > 0 else np.interp(grid, r, x)
+    out = np.clip(out, vmin, vmax)
+    out[0], out[-1] = vmin, vmax  # exact, not exp(log(v))
+    return out
 
 
 def summary_to_store(summary: LegacySummary) -> CalibrationStore:

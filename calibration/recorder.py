@@ -142,7 +142,7 @@ class Recorder:
         self.sample_rows = int(sample_rows)
         self.seed = int(seed)
         self.context = RecordContext()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._layer_ids: dict[str, int] = {}
         self._layer_names: list[str] = []
         self._layouts: dict[tuple[int, ...] | None, int] = {None: 0}

@@ -49,11 +49,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..quant.errors import CalibrationError
-from ..quant.formats import F4_E2M1_MAX, F8_E4M3_MAX, NVFP4_BLOCK, NVFP4_SCALE_DENOM
-from .legacy import LegacySummary, summary_to_store
+from .legacy import NVFP4_SCALE_DENOM, LegacySummary, summary_to_store
 from .stats import LayerStats
 from .store import CalibrationStore
 
+# = quant.formats constants, repeated so that calibration code never imports torch (checked by a test)
+F4_E2M1_MAX = 6.0
+F8_E4M3_MAX = 448.0
+NVFP4_BLOCK = 16
 METHODS = ("percentile", "max", "mse")
 MIN_SCALE = 1e-12  # as the original: never write a zero input_scale
 

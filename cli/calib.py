@@ -287,9 +287,9 @@ def run_scales(args: argparse.Namespace) -> int:
         return EXIT_OK
     what = {"percentile": f"p{args.percentile:g}", "max": "max", "mse": f"mse[{args.model}]"}[args.method]
     width = max(len("layer"), *(len(n) for n in choices))
-    print(f"{'layer':<{width}}  {'calls':>7}  {what + ' amax':>14}  {'input_scale':>13}  {'clip %':>8}  {'E/dyn':>7}")
+    print(f"{'layer':<{width}}  {'calls':>7}  {what + ' amax':>14}  {'input_scale':>13}  {'clip %':>8}  {'E/dyn':>9}")
     for c in choices.values():
-        err = f"{c.expected_error:7.4f}" if c.expected_error is not None else "      -"
+        err = f"{c.expected_error:9.6f}" if c.expected_error is not None else f"{'-':>9}"
         flag = " ~" if c.approximate else ""
         print(f"{c.layer:<{width}}  {c.count:>7}  {c.amax:>14.6g}  {c.input_scale:>13.6g}  "
               f"{100 * c.clip_fraction:>8.3f}  {err}{flag}")
@@ -297,7 +297,9 @@ def run_scales(args: argparse.Namespace) -> int:
     mean_clip = sum(c.clip_fraction for c in choices.values()) / len(choices)
     errs = [c.expected_error for c in choices.values() if c.expected_error is not None]
     print(f"{len(choices)} layers, {what} × {args.margin:g}: {clipping} layers clip some recorded calls "
-          f"(mean clip {100 * mean_clip:.3f} %)" + (f", worst E/dyn {max(errs):.4f}" if errs else ""))
+          f"(mean clip {100 * mean_clip:.3f} %)" + (f", worst E/dyn {max(errs):.6f}" if errs else ""))
+    print("E/dyn: expected relative error of the error model vs dynamic per-call scaling (1 = no loss); "
+          "see docs/input-scale-methods.md")
     if any(c.approximate for c in choices.values()):
         print("~ approximate: clip fraction / E/dyn from a distribution rebuilt from a summary's percentiles")
     return EXIT_OK

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from .. import __version__
 from .common import EXIT_OK, EXIT_USAGE, add_debug_argument, run_command
 
-COMMANDS: tuple[str, ...] = ("layers", "plan", "probe")
+COMMANDS: tuple[str, ...] = ("layers", "plan", "probe", "calib")
 
 
 def build_parser() -> argparse.ArgumentParser:

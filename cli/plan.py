@@ -19,7 +19,8 @@ from .common import eprint
 EPILOG = """\
 precedence (later wins; never_quantize always wins):
   never_quantize > [base: --gguf | --mode all | preset] < min size < --keep-first/--keep-last < --min-ffn-fp8 /
-  --min-ffn2-keep < --exclude < --include < --fp8 < W4A16 flags < input scales < --sensitivity/--budget
+  --min-ffn2-keep < --exclude < --include < --fp8 < --keep-high-variance < --sensitivity-threshold /
+  --clip-rate-threshold < W4A16 flags < input scales < --budget
 regexes: re.search, case-insensitive, on bare layer names (blocks.3.ffn.0); a regex matching no Linear layer is an
 error unless --allow-unmatched. Original convert_nvfp4.py flag names are accepted as aliases (docs/flag-mapping.md).
 
@@ -47,6 +48,13 @@ def _other_dtype(value: str) -> str:
     if value not in OTHER_DTYPES:
         raise argparse.ArgumentTypeError(f"invalid dtype {value!r}; choose from {', '.join(OTHER_DTYPES)}")
     return value
+
+
+def _action(value: str) -> str:
+    aliases = {"fp16": "keep", "full_precision_mm": "w4a16", "keep": "keep", "w4a16": "w4a16"}
+    if value not in aliases:
+        raise argparse.ArgumentTypeError(f"invalid action {value!r}; choose keep or w4a16")
+    return aliases[value]
 
 
 def add_plan_options(parser: argparse.ArgumentParser) -> None:
@@ -111,9 +119,27 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--fp8-input-scale", action="store_true",
                    help="fp8 layers get input_scale = amax/448 from the calibration (else ComfyUI uses 1.0)")
 
-    h = parser.add_argument_group("sensitivity / budget (calibration/budget.py)")
-    h.add_argument("--sensitivity", metavar="REPORT", help="sensitivity report that moves layers to other formats")
-    h.add_argument("--budget", metavar="SPEC", help="size/quality budget for the budget planner")
+    s.add_argument("--keep-high-variance", "--input-scale-summary-fp16-std", dest="keep_high_variance",
+                   action="store_true", help="keep calibrated layers whose per-call scale spreads widely")
+    s.add_argument("--variance-std-threshold", "--input-scale-summary-std-threshold", dest="variance_std_threshold",
+                   type=float, metavar="F", help="scale std threshold (default: 90th percentile of the layers' stds)")
+    s.add_argument("--variance-cv-threshold", "--input-scale-summary-cv-threshold", dest="variance_cv_threshold",
+                   type=float, default=0.4, metavar="F", help="scale std/mean threshold (default 0.4)")
+
+    h = parser.add_argument_group("sensitivity report (`nvfp4 probe`) and budget")
+    h.add_argument("--sensitivity", "--sensitivity-json", dest="sensitivity", metavar="REPORT",
+                   help="sensitivity report: used by --budget or by the thresholds below")
+    h.add_argument("--sensitivity-threshold", type=float, metavar="F",
+                   help="quantized layers whose measured output rel_rmse exceeds F -> --sensitivity-action")
+    h.add_argument("--sensitivity-action", type=_action, default="keep", metavar="{keep,w4a16}",
+                   help="keep (original: fp16) or w4a16 (original: full_precision_mm); default keep")
+    h.add_argument("--clip-rate-threshold", type=float, metavar="F",
+                   help="quantized layers whose activation clip rate exceeds F -> --clip-rate-action")
+    h.add_argument("--clip-rate-action", type=_action, default="keep", metavar="{keep,w4a16}",
+                   help="keep or w4a16 (default keep)")
+    h.add_argument("--budget", metavar="SPEC",
+                   help="file size (9.5GB, 850MiB) or bits per weight (4.8bpw): the budget planner re-decides the "
+                        "quantized layers from the sensitivity report")
 
 
 def plan_options_from_args(args: argparse.Namespace, ckpt: object = None) -> PlanOptions:
@@ -136,8 +162,11 @@ def plan_options_from_args(args: argparse.Namespace, ckpt: object = None) -> Pla
         min_ffn2_keep=bool(args.min_ffn2_keep), other_dtype=args.other_dtype, gguf=args.gguf,
         gguf_max_bits=args.gguf_max_bits, gguf_keep_edge_blocks=bool(args.gguf_keep_edge_blocks),
         fp8_instead_of_keep=bool(args.fp8_instead_of_keep), input_scale=scales,
-        allow_unmatched=bool(args.allow_unmatched), glued=args.glued, sensitivity=args.sensitivity,
-        budget=args.budget)
+        allow_unmatched=bool(args.allow_unmatched), glued=args.glued,
+        keep_high_variance=bool(args.keep_high_variance), variance_std_threshold=args.variance_std_threshold,
+        variance_cv_threshold=args.variance_cv_threshold, sensitivity=args.sensitivity,
+        sensitivity_threshold=args.sensitivity_threshold, sensitivity_action=args.sensitivity_action,
+        clip_rate_threshold=args.clip_rate_threshold, clip_rate_action=args.clip_rate_action, budget=args.budget)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -100,20 +100,20 @@ def _e2m1_rne_code(value: Fraction) -> int:
 
 
 def _build_code_lut() -> torch.Tensor:
-    """Table from the lookup index of :func:`_encode_e2m1` to the 4-bit code.
+    """Table from the lookup index of :func:`_encode_e2m1_into` to the 4-bit code.
 
-    With ``m = min(|v|*4, 24)`` every rounding threshold of E2M1 (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5) is an integer
-    ``m``, so ``j = floor(m) + ceil(m) + 1`` identifies the exact threshold (odd j) or the open interval between two
-    integers (even j); the rounding is constant on such an interval.  ``idx = copysign(j, v) + 49`` adds the sign
-    (including -0.0), giving 0..98.
+    With ``m = min(|v| * 4, 24)`` every rounding threshold of E2M1 (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5) is an integer
+    ``m``, and the rounding is constant on each open interval between two integers.  ``w = m + ceil(m)`` is ``2k`` for
+    ``m == k`` and lies in ``(2k+1, 2k+2)`` for ``k < m < k+1``, so ``trunc(w)`` (0..48) tells exact thresholds from
+    the intervals; adding 50 for a set sign bit (``-0.0`` included) gives the index 0..98.
     """
     lut = torch.zeros(99, dtype=torch.uint8)
-    for j in range(1, 50):
-        k, odd = divmod(j - 1, 2)
-        m = Fraction(k) if odd == 0 else Fraction(2 * k + 1, 2)  # a representative of the class
+    for j in range(49):
+        k, inside = divmod(j, 2)
+        m = Fraction(k) if not inside else Fraction(2 * k + 1, 2)  # a representative of the class
         code = _e2m1_rne_code(m / 4)
-        lut[49 + j] = code
-        lut[49 - j] = code | 8
+        lut[j] = code
+        lut[50 + j] = code | 8
     return lut
 
 
@@ -135,24 +135,31 @@ def _device_lut(key: str, device: torch.device, dtype: torch.dtype | None = None
     return lut
 
 
-def _encode_e2m1_into(v: torch.Tensor, a: torch.Tensor, f: torch.Tensor, codes: torch.Tensor) -> None:
-    """RNE-encode fp32 values ``v`` to 4-bit E2M1 codes written into ``codes`` (uint8, ``v.numel()`` elements),
-    saturating at +-6 and keeping the sign of zero.  ``a`` and ``f`` are fp32 scratch buffers of v's shape; ``v`` is
-    left intact until the last step and may share storage with ``codes``."""
-    torch.abs(v, out=a)
-    a.mul_(4.0).clamp_(max=24.0)  # exact scaling by 4; |v| > 6 saturates exactly like clamp(+-6) first
-    torch.floor(a, out=f)
-    a.ceil_().add_(f).add_(1.0).copysign_(v).add_(49.0)  # index 0..98, see _build_code_lut
+def _encode_e2m1_into(v4: torch.Tensor, a: torch.Tensor, f: torch.Tensor, codes: torch.Tensor) -> None:
+    """RNE-encode ``v4 / 4`` (fp32; the caller supplies four times the scaled value) to 4-bit E2M1 codes written into
+    ``codes`` (uint8, ``v4.numel()`` elements), saturating at +-6 and keeping the sign of zero.
+
+    ``a`` and ``f`` are fp32 scratch buffers of v4's shape; ``v4`` is read until its sign has been taken and may share
+    storage with ``codes``.  Only exact operations are used (abs, clamp, ceil, small-integer adds, truncation, table
+    lookup), so the result is the same on every device.
+    """
+    torch.abs(v4, out=a)
+    a.clamp_(max=24.0)  # |v| > 6 saturates exactly like clamp(+-6) first
+    torch.ceil(a, out=f)
+    a.add_(f)  # w = m + ceil(m): 2k at m == k, inside (2k+1, 2k+2) for k < m < k+1
+    sign = f.view(-1).view(torch.bool)[: a.numel()].view(a.shape)  # f is free again
+    torch.signbit(v4, out=sign)
+    a.add_(sign, alpha=50.0)
     idx = f.view(torch.int32)
-    idx.copy_(a)  # exact float -> int conversion of small integers
-    torch.index_select(_device_lut("code", v.device), 0, idx.view(-1), out=codes.view(-1))
+    idx.copy_(a)  # truncation toward zero of a non-negative value = floor
+    torch.index_select(_device_lut("code", v4.device), 0, idx.view(-1), out=codes.view(-1))
 
 
 def _encode_e2m1(v: torch.Tensor) -> torch.Tensor:
     """RNE-encode fp32 values to E2M1 codes (uint8, same shape); a convenience wrapper used by tests."""
-    v = v.to(torch.float32).contiguous()
-    codes = torch.empty(v.shape, dtype=torch.uint8, device=v.device)
-    _encode_e2m1_into(v, torch.empty_like(v), torch.empty_like(v), codes)
+    v4 = v.to(torch.float32) * 4.0  # exact (an overflow to inf saturates either way)
+    codes = torch.empty(v4.shape, dtype=torch.uint8, device=v4.device)
+    _encode_e2m1_into(v4, torch.empty_like(v4), torch.empty_like(v4), codes)
     return codes
 
 
@@ -328,8 +335,15 @@ def _quantize_chunk_torch(
     zero = t == 0
     # Blocks with t == 0 are encoded as code 0 (eager's rule).  Dividing them by +inf keeps everything NaN-free; the
     # sign of the resulting zeros is cleared below.
-    t = torch.where(zero, torch.full_like(t, math.inf), t).unsqueeze(-1)
-    v.div_(t)
+    t = torch.where(zero, torch.full_like(t, math.inf), t)
+    # The encoder wants 4*x/t.  x / (t/4) is the same value rounded once, provided t/4 is exact (t >= 2^-124, true
+    # for any sane scale): scaling by a power of two commutes with rounding, and quotients too small for that to hold
+    # encode to (signed) zero either way.  Otherwise multiply by 4 after the division.
+    t4 = t * 0.25
+    if torch.equal(t4 * 4.0, t):
+        v.div_(t4.unsqueeze(-1))
+    else:
+        v.div_(t.unsqueeze(-1)).mul_(4.0)
     codes = v.view(-1).view(torch.uint8)[: rows * cols].view(shape)  # v's storage is free once encoded
     _encode_e2m1_into(v, a, f, codes)
     if bool(zero.any()):

@@ -23,6 +23,11 @@ Precedence (later steps override earlier ones; step 1 cannot be overridden)
 6. ``exclude`` regexes -> keep.
 7. ``include`` regexes -> nvfp4 (so include beats exclude, as in the original converter).
 8. ``fp8`` regexes -> fp8.
+   8b. ``keep_high_variance`` (the original's ``--input-scale-summary-fp16-std``): quantized layers whose calibrated
+       per-call scale has std >= ``variance_std_threshold`` (default: 90th percentile of the positive stds) or
+       std/mean >= ``variance_cv_threshold`` -> keep.
+   8c. ``sensitivity_threshold`` / ``clip_rate_threshold`` on a ``sensitivity`` report (``nvfp4 probe``): quantized
+       layers whose measured error / clip rate exceeds it -> keep, or -> W4A16 candidate (``*_action="w4a16"``).
 9. W4A16 (only turns nvfp4 into nvfp4-w4a16; hits on other formats are reported, never promoted): preset ``w4a16``
    patterns, ``w4a16`` regexes, ``w4a16_files`` lists, ``w4a16_shortcuts`` (cross-attn-kv, cross-attn-qkvo,
    self-attn-qkvo, ffn-up, ffn-down), ``w4a16_all``.
@@ -55,10 +60,12 @@ from . import formats
 from .errors import PlanError
 from .gguf_guide import KEEP, KEEP_FP32, guide_from_gguf
 from .input_scales import InputScaleOptions, assign_input_scales
+from .input_scales import load_calibration as load_calibration_any
 from .layer_lists import describe_unknown, match_regexes, resolve_layer_list
 from .plan import OTHER_DTYPES, LayerDecision, Plan, source_bytes, source_plain_format
 
 MODES = ("preset", "all")
+ACTIONS = ("keep", "w4a16")
 
 # Architecture-independent shortcut patterns (re.search, case-sensitive): Wan names as in the original flags, plus
 # the Flux (img/txt_attn, *_mlp.N) and Qwen-Image (attn.to_*, *_mlp.net.N) equivalents where they exist.
@@ -103,8 +110,15 @@ class PlanOptions:
     input_scale: InputScaleOptions = field(default_factory=InputScaleOptions)
     allow_unmatched: bool = False
     glued: str = "split"                 # glued list lines: "split" (with a note) or "error"
-    sensitivity: Any = None              # extension point: filled by calibration/budget.py
-    budget: Any = None                   # extension point: filled by calibration/budget.py
+    keep_high_variance: bool = False     # calibrated layers with a high scale spread -> keep
+    variance_std_threshold: float | None = None   # scale std (amax/2688 units); None = auto (90th percentile)
+    variance_cv_threshold: float = 0.4   # std/mean of the per-call scale
+    sensitivity: Any = None              # sensitivity report (`nvfp4 probe`): thresholds below, or the budget
+    sensitivity_threshold: float | None = None    # nvfp4 output rel_rmse above this -> sensitivity_action
+    sensitivity_action: str = "keep"     # "keep" | "w4a16"
+    clip_rate_threshold: float | None = None      # activation clip rate above this -> clip_rate_action
+    clip_rate_action: str = "keep"
+    budget: Any = None                   # size / bpw budget: calibration.budget.plan_for_budget
 
     @property
     def sensitivity_report(self) -> Any:
@@ -146,6 +160,29 @@ class PlanOptions:
             raise PlanError("--gguf-keep-edge-blocks needs --gguf (without a GGUF use --keep-first 2 --keep-last 2)")
         if self.gguf and self.mode == "all":
             raise PlanError("--gguf and --mode all both choose the base formats; use one of them")
+        for name in ("sensitivity_action", "clip_rate_action"):
+            if getattr(self, name) not in ACTIONS:
+                raise PlanError(f"--{name.replace('_', '-')} must be one of {', '.join(ACTIONS)}, "
+                                f"not {getattr(self, name)!r}")
+        for name, low in (("sensitivity_threshold", 0.0), ("clip_rate_threshold", 0.0),
+                          ("variance_std_threshold", 0.0), ("variance_cv_threshold", 0.0)):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                  or v < low or (name == "sensitivity_threshold" and v == 0)):
+                raise PlanError(f"--{name.replace('_', '-')} must be a finite number "
+                                f"{'> 0' if name == 'sensitivity_threshold' else '>= 0'}, got {v!r}")
+        thresholds = self.sensitivity_threshold is not None or self.clip_rate_threshold is not None
+        if thresholds and self.sensitivity is None:
+            raise PlanError("--sensitivity-threshold / --clip-rate-threshold need --sensitivity REPORT "
+                            "(made by `nvfp4 probe`)")
+        if self.budget is not None and self.sensitivity is None:
+            raise PlanError("--budget needs --sensitivity REPORT: the budget planner chooses formats from measured "
+                            "errors (`nvfp4 probe`)")
+        if self.sensitivity is not None and self.budget is None and not thresholds:
+            raise PlanError("--sensitivity needs --budget (size/bpw) or --sensitivity-threshold / "
+                            "--clip-rate-threshold to say what to do with the report")
+        if self.keep_high_variance and not self.input_scale.calibration:
+            raise PlanError("--keep-high-variance needs calibration data (--input-scale-summary)")
         if self.glued not in ("split", "error"):
             raise PlanError(f"glued must be 'split' or 'error', not {self.glued!r}")
         self.input_scale.validate()
@@ -420,6 +457,17 @@ def build_plan(ckpt: Any, options: PlanOptions, *, arch: Any = None, preset: Any
     user_rule(options.include, "include", formats.NVFP4)
     user_rule(options.fp8, "fp8", formats.FP8)
 
+    # 8b. high-variance keep (calibration statistics), 8c. sensitivity thresholds (probe report)
+    cal_obj = None
+    if options.input_scale.calibration:
+        from .input_scales import load_calibration
+        cal_obj = load_calibration(options.input_scale.calibration)
+    w4_from_report: list[tuple[str, list[str]]] = []
+    if options.keep_high_variance:
+        _high_variance(work, free, cal_obj, options, notes)
+    if options.sensitivity_threshold is not None or options.clip_rate_threshold is not None:
+        w4_from_report = _sensitivity_thresholds(work, free, options, notes, all_layers)
+
     # 9. W4A16
     w4_reasons: dict[str, str] = {}    # layer -> first W4A16 rule that hit it (any format)
     w4_sources: list[tuple[str, list[str]]] = []
@@ -453,6 +501,7 @@ def build_plan(ckpt: Any, options: PlanOptions, *, arch: Any = None, preset: Any
             _unmatched(options, notes, f"W4A16 shortcut {short} matches no Linear layer of this "
                                        f"{family or 'model'} (/{W4A16_SHORTCUTS[short]}/)")
         w4_sources.append((f"w4a16: shortcut {short}", hits))
+    w4_sources.extend(w4_from_report)
     if options.w4a16_all:
         w4_sources.append(("w4a16: all nvfp4 layers", list(names)))
 
@@ -504,10 +553,11 @@ def build_plan(ckpt: Any, options: PlanOptions, *, arch: Any = None, preset: Any
         plan.report["gguf"] = guide.to_report()
 
     # 10. input scales (before the budget planner: it reads the base plan's static scales)
-    assign_input_scales(plan, options.input_scale, known_layers=all_names, allow_unmatched=options.allow_unmatched)
+    assign_input_scales(plan, options.input_scale, known_layers=all_names, allow_unmatched=options.allow_unmatched,
+                        load_calibration_fn=(lambda _p: cal_obj) if cal_obj is not None else load_calibration_any)
 
     # 11. sensitivity / budget planner (calibration/budget.py) re-decides the quantized layers
-    if options.sensitivity is not None or options.budget is not None:
+    if options.budget is not None:
         plan = _run_budget(plan, ckpt, options)
 
     plan.report["input_bytes"] = source_bytes(ckpt)
@@ -538,6 +588,109 @@ def _concrete(token: str, ckpt: Any, layer: Any, other_dtype: str) -> str:
     return src if other_dtype == "keep" else other_dtype
 
 
+def _high_variance(work: Mapping[str, _Work], free: list[_Work], cal: Any, options: PlanOptions,
+                   notes: list[str]) -> None:
+    """The original's --input-scale-summary-fp16-std: layers whose per-call scale spreads widely are kept.
+
+    Flag = scale std >= std threshold (default: the positive stds' value at index int((n-1)*0.9), as the original)
+    or std/mean >= cv threshold; rows with mean <= 0 are skipped. Statistics come from the calibration data the
+    input scales use (a summary's own scale_std/scale_mean columns, or a store's amax moments / 2688)."""
+    stats = _scale_stats(cal)
+    if not stats:
+        raise PlanError(f"{options.input_scale.calibration}: no per-layer spread statistics for --keep-high-variance")
+    stds = sorted(s for s, _ in stats.values() if s > 0)
+    thr = options.variance_std_threshold
+    auto = thr is None
+    if auto:
+        thr = stds[int((len(stds) - 1) * 0.9)] if stds else math.inf
+    cv_thr = options.variance_cv_threshold
+    flagged = [n for n, (std, mean) in stats.items() if mean > 0 and (std >= thr or std / mean >= cv_thr)]
+    moved = 0
+    for n in flagged:
+        w = work.get(n)
+        if w is not None and not w.locked and w.fmt in _QUANT:
+            cv = stats[n][0] / stats[n][1]
+            w.set(KEEP, f"high_variance: scale std {stats[n][0]:.3g}, cv {cv:.3g} (std >= {thr:.4g} or cv >= "
+                        f"{cv_thr:g})")
+            moved += 1
+    notes.append(f"high variance: {len(flagged)} calibrated layer(s) flagged (scale std >= {thr:.4g}"
+                 f"{' (auto, 90th percentile)' if auto else ''} or cv >= {cv_thr:g}); {moved} quantized -> keep")
+
+
+def _scale_stats(cal: Any) -> dict[str, tuple[float, float]]:
+    """layer -> (std, mean) of the per-call input scale (amax/2688)."""
+    out: dict[str, tuple[float, float]] = {}
+    rows = getattr(cal, "rows", None)
+    if rows is not None:   # LegacySummary: its own columns, exactly what the original thresholded
+        for row in rows:
+            std, mean = row.get("scale_std"), row.get("scale_mean")
+            if std is None and row.get("amax_std") is not None:
+                std = row["amax_std"] / formats.NVFP4_SCALE_DENOM
+            if mean is None and row.get("amax_mean") is not None:
+                mean = row["amax_mean"] / formats.NVFP4_SCALE_DENOM
+            if std is not None and mean is not None and math.isfinite(std) and math.isfinite(mean):
+                out[row["layer"]] = (float(std), float(mean))
+        return out
+    for name, st in getattr(cal, "layers", {}).items():
+        std, mean = getattr(st, "std", None), getattr(st, "mean", None)
+        if std is not None and mean is not None and math.isfinite(std) and math.isfinite(mean):
+            out[name] = (std / formats.NVFP4_SCALE_DENOM, mean / formats.NVFP4_SCALE_DENOM)
+    return out
+
+
+def _sensitivity_thresholds(work: Mapping[str, _Work], free: list[_Work], options: PlanOptions, notes: list[str],
+                            all_layers: Mapping[str, Any]) -> list[tuple[str, list[str]]]:
+    """The original's --sensitivity-threshold / --clip-rate-threshold with their actions, on an `nvfp4 probe`
+    report (measured output error; the original's input-only, random-input JSON is refused by its loader)."""
+    from ..calibration.sensitivity import FP8_STATIC, NVFP4_STATIC, SensitivityReport
+    rep = options.sensitivity
+    report = rep if isinstance(rep, SensitivityReport) else SensitivityReport.load(rep)
+    entries = report.by_layer()
+    unknown = [n for n in entries if n not in all_layers]
+    if unknown:
+        msg = describe_unknown(unknown, list(all_layers), what=f"sensitivity report {options.sensitivity}")
+        if not options.allow_unmatched:
+            raise PlanError(msg + "; was it made for another model?")
+        notes.append(msg + "; ignored (allow_unmatched)")
+    static = bool(options.input_scale.calibration or options.input_scale.reference or options.input_scale.value)
+    w4: list[tuple[str, list[str]]] = []
+    unjudged = []
+    counts = {"keep": 0, "w4a16": 0}
+    for w in free:
+        entry = entries.get(w.name)
+        if entry is None or w.fmt not in _QUANT:
+            continue
+        if w.fmt == formats.NVFP4:
+            cands = (NVFP4_STATIC, formats.NVFP4) if static else (formats.NVFP4, NVFP4_STATIC)
+        else:
+            cands = (FP8_STATIC, formats.FP8) if options.input_scale.fp8 else (formats.FP8, FP8_STATIC)
+        for metric, thr, action, label in (("rel_rmse", options.sensitivity_threshold, options.sensitivity_action,
+                                            "sensitivity"),
+                                           ("clip_rate", options.clip_rate_threshold, options.clip_rate_action,
+                                            "clip_rate")):
+            if thr is None:
+                continue
+            value = next((v for c in cands if (v := entry.error(c, metric)) is not None), None)
+            if value is None:
+                unjudged.append(w.name)
+                continue
+            if value > thr:
+                reason = f"{label}: {metric} {value:.3g} > {thr:g}"
+                if action == "keep":
+                    w.set(KEEP, reason)
+                    counts["keep"] += 1
+                    break
+                w4.append((f"w4a16: {reason}", [w.name]))
+                counts["w4a16"] += 1
+    notes.append(f"sensitivity report {Path(str(options.sensitivity)).name}: {counts['keep']} layer(s) -> keep, "
+                 f"{counts['w4a16']} -> W4A16 candidates")
+    if unjudged:
+        u = sorted(set(unjudged))
+        notes.append(f"sensitivity report: {len(u)} quantized layer(s) have no finite measurement and were not "
+                     f"judged: {', '.join(u[:5])}{' ...' if len(u) > 5 else ''}")
+    return w4
+
+
 def _weight_key(layer: Any) -> str:
     roles = getattr(layer, "roles", None)
     return roles["weight"] if roles and "weight" in roles else f"{layer.name}.weight"
@@ -545,16 +698,16 @@ def _weight_key(layer: Any) -> str:
 
 def _run_budget(plan: Plan, ckpt: Any, options: PlanOptions) -> Plan:
     """Extension point: hand the rule-based plan to calibration.budget.plan_for_budget (sensitivity + budget)."""
-    if options.sensitivity is None or options.budget is None:
-        given, missing = (("--sensitivity", "--budget") if options.budget is None else ("--budget", "--sensitivity"))
-        raise PlanError(f"{given} needs {missing}: the budget planner chooses formats from a sensitivity report "
-                        f"(`nvfp4 probe`) within a size budget (e.g. --budget 9.5GB or 4.8bpw)")
     try:
         from ..calibration.budget import plan_for_budget
     except ImportError as exc:  # pragma: no cover - only in a broken install
         raise PlanError(f"the budget planner is not available ({exc})") from None
     new_plan, _curve = plan_for_budget(plan, options.sensitivity, options.budget, ckpt)
     return new_plan
+
+
+def _family(fmt: str) -> str:
+    return "nvfp4" if formats.is_nvfp4(fmt) else ("fp8" if fmt in formats.FP8_DTYPES else "plain")
 
 
 def apply_overrides(plan: Plan, overrides: Mapping[str, tuple[str, str]], *, source: str = "override") -> list[str]:
@@ -590,8 +743,7 @@ def apply_overrides(plan: Plan, overrides: Mapping[str, tuple[str, str]], *, sou
         old = dec.format
         dec.reason = f"{source}: {reason} [over {_short(dec.reason)} -> {old}]"
         dec.format = fmt
-        fam = lambda f: "nvfp4" if formats.is_nvfp4(f) else ("fp8" if f in formats.FP8_DTYPES else "plain")  # noqa: E731
-        if fam(old) != fam(fmt):
+        if _family(old) != _family(fmt):
             dec.input_scale = None
             dec.input_scale_source = None
         changed.append(name)

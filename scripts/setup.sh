@@ -41,7 +41,14 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" = "$want" ] && [ "$here" = "$root" ];
   echo "setup: nvfp4_lab already installed from $root" >&2
 else
   echo "setup: pip install -e '$root[test]'" >&2
-  "$py" -m pip install -q --disable-pip-version-check -e "$root[test]" >&2
+  log="$(mktemp)"
+  if ! "$py" -m pip install -q --disable-pip-version-check -e "$root[test]" >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    echo "setup: error: pip install -e '$root[test]' failed (output above)" >&2
+    exit 1
+  fi
+  rm -f "$log"
   printf '%s\n' "$want" > "$stamp" 2>/dev/null || true
 fi
 echo "$py"

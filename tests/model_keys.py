@@ -926,18 +926,30 @@ def _meta_model(unet_config: dict):
     return model_config, base.diffusion_model
 
 
-def comfy_shapes(unet_config: dict) -> tuple[str, Shapes]:
-    """(ComfyUI model-config class name, state-dict shapes) of ComfyUI's model for `unet_config`, built on meta."""
-    model_config, net = _meta_model(unet_config)
-    return type(model_config).__name__, {k: tuple(v.shape) for k, v in net.state_dict().items()}
+_BUILT: dict[str, tuple[str, Shapes, frozenset[str]]] = {}
 
 
-def comfy_linear_names(unet_config: dict) -> set[str]:
-    """Names of the modules of ComfyUI's model that are `torch.nn.Linear` (the only ones that load quantized)."""
+def _built(unet_config: dict) -> tuple[str, Shapes, frozenset[str]]:
     import torch  # noqa: PLC0415
 
-    _, net = _meta_model(unet_config)
-    return {name for name, mod in net.named_modules() if isinstance(mod, torch.nn.Linear)}
+    key = repr(sorted(unet_config.items()))
+    if key not in _BUILT:
+        model_config, net = _meta_model(unet_config)
+        shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        linears = frozenset(name for name, mod in net.named_modules() if isinstance(mod, torch.nn.Linear))
+        _BUILT[key] = (type(model_config).__name__, shapes, linears)
+    return _BUILT[key]
+
+
+def comfy_shapes(unet_config: dict) -> tuple[str, Shapes]:
+    """(ComfyUI model-config class name, state-dict shapes) of ComfyUI's model for `unet_config`, built on meta."""
+    cls, shapes, _ = _built(unet_config)
+    return cls, dict(shapes)
+
+
+def comfy_linear_names(unet_config: dict) -> frozenset[str]:
+    """Names of the modules of ComfyUI's model that are `torch.nn.Linear` (the only ones that load quantized)."""
+    return _built(unet_config)[2]
 
 
 def comfy_process(unet_config: dict, shapes: Shapes) -> Shapes:
@@ -953,3 +965,52 @@ def meta_state_dict(shapes: Shapes) -> dict:
     import torch  # noqa: PLC0415
 
     return {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+
+
+def comfy_only_cases() -> list[Case]:
+    """Variants covered only through ComfyUI meta builds (no static map): `build` is None-safe via comfy_shapes."""
+    import torch  # noqa: PLC0415  (the Chroma Radiance config holds a dtype)
+
+    hy15 = dict(_HY, in_channels=65, patch_size=[1, 1, 1], out_channels=32, vec_in_dim=None, hidden_size=2048,
+                num_heads=16, depth=54, depth_single_blocks=0, byt5=True, guidance_embed=False,
+                use_cond_type_embedding=True, vision_in_dim=1152, meanflow_sum=True, context_in_dim=3584)
+    hyimg = dict(_HY, in_channels=64, patch_size=[1, 1], out_channels=64, vec_in_dim=None, axes_dim=[64, 64],
+                 hidden_size=3584, num_heads=28, depth=20, depth_single_blocks=40, byt5=True, guidance_embed=False,
+                 context_in_dim=3584)
+    chroma_cfg = CASES_BY_NAME["chroma"].unet_config
+    radiance = dict(chroma_cfg, image_model="chroma_radiance", in_channels=3, out_channels=3, patch_size=16,
+                    nerf_hidden_size=64, nerf_mlp_ratio=4, nerf_depth=4, nerf_max_freqs=8, nerf_tile_size=512,
+                    nerf_final_head_type="linear", nerf_embedder_dtype=torch.float32, use_x0=False,
+                    use_sequential_txt_ids=False)
+    zpixel = dict(CASES_BY_NAME["z-image"].unet_config, image_model="zimage_pixel", patch_size=16, in_channels=3,
+                  decoder_in_channels=768, decoder_hidden_size=64, decoder_num_res_blocks=4, decoder_max_freqs=8)
+    sdxl = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+            "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+            "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+            "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+            "context_dim": 2048, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+            "use_temporal_attention": False, "use_temporal_resblock": False}
+    hidream = {"image_model": "hidream", "attention_head_dim": 128, "axes_dims_rope": [64, 32, 32],
+               "caption_channels": [4096, 4096], "max_resolution": [128, 128], "in_channels": 16,
+               "llama_layers": list(range(32)) + [31] * 16, "num_attention_heads": 20, "num_routed_experts": 4,
+               "num_activated_experts": 2, "num_layers": 16, "num_single_layers": 32, "out_channels": 16,
+               "patch_size": 2, "text_emb_dim": 2048}
+
+    def none() -> Shapes:
+        raise RuntimeError("comfy-only case: use comfy_shapes(case.unet_config)")
+
+    return [
+        Case("hunyuan-video-1.5", none, "hunyuan_video", "hunyuan-video-1.5", {"double_blocks": 54}, hy15,
+             "HunyuanVideo15", exact=False),
+        Case("hunyuan-image-2.1", none, "hunyuan_video", "hunyuan-image-2.1",
+             {"double_blocks": 20, "single_blocks": 40}, hyimg, "HunyuanImage21", exact=False),
+        Case("chroma-radiance", none, "chroma", "chroma-radiance",
+             {"double_blocks": 19, "single_blocks": 38, "nerf_blocks": 4}, radiance, "ChromaRadiance", exact=False),
+        Case("z-image-pixel", none, "lumina2", "z-image-pixel",
+             {"layers": 30, "noise_refiner": 2, "context_refiner": 2}, zpixel, "ZImagePixelSpace", exact=False),
+        Case("sdxl-unet", none, "generic", "generic-transformer",
+             {"label_emb": 1, "input_blocks": 9, "middle_block": 3, "output_blocks": 9}, sdxl, "SDXL", exact=False),
+        Case("hidream", none, "generic", "generic-transformer",
+             {"double_stream_blocks": 16, "single_stream_blocks": 32, "caption_projection": 49}, hidream, "HiDream",
+             exact=False),
+    ]

@@ -16,7 +16,7 @@ from pathlib import Path
 from nvfp4_lab.quant.checkpoint import Layer
 from nvfp4_lab.quant.safetensors_io import TensorInfo
 
-_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "U8": 1, "F8_E4M3": 1}
+_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "U8": 1, "F8_E4M3": 1, "I64": 8, "I32": 4}
 ROLES = ("weight", "bias")
 
 

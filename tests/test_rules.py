@@ -100,7 +100,7 @@ def test_keep_first_last_replace_preset_values_and_work_per_group():
     # Flux: every block group
     ck = FakeCheckpoint(flux_tensors(4, 6))
     p = build_plan(ck, PlanOptions(preset="none", keep_first=1, keep_last=2), arch=flux_arch(4, 6),
-                   preset=None if False else flux_preset(keep_first_blocks=0, keep_last_blocks=0),
+                   preset=flux_preset(keep_first_blocks=0, keep_last_blocks=0),
                    block_of=fake_block_of)
     assert fmt(p, "double_blocks.0.img_attn.qkv") == "bf16" and fmt(p, "double_blocks.1.img_attn.qkv") == NV
     assert fmt(p, "double_blocks.2.img_attn.qkv") == "bf16" and fmt(p, "single_blocks.0.linear1") == "bf16"
@@ -313,7 +313,8 @@ def test_original_flag_aliases_map_to_options():
     o = parse(["-i", "a", "-x", "b", "-F", "--min-ffn-fp8", "--min-ffn2-fp16", "--gguf", "g.gguf",
                "--gguf-nvfp4-max-bitdepth", "5", "--gguf-keep-edge-blocks-fp16", "--full-precision-mm-layers", "l.txt",
                "--full-precision-mm-pattern", "p", "--full-precision-mm-cross-attn-kv",
-               "--full-precision-mm-cross-attn-qkvo", "--full-precision-mm-self-attn-qkvo", "--full-precision-mm-ffn-up",
+               "--full-precision-mm-cross-attn-qkvo", "--full-precision-mm-self-attn-qkvo",
+               "--full-precision-mm-ffn-up",
                "--full-precision-mm-ffn-down", "--full-precision-mm", "--input-scale-summary-json", "s.json",
                "--input-scale-summary-percentile", "99.9", "--input-scale-summary-multiplier", "1.08",
                "--input-scale-from", "ref.safetensors", "--input-scale-value", "0.002", "-m", "all", "-p", "wan"])
@@ -382,7 +383,8 @@ def test_recipe_wan22_5b(tmp_path):
     assert d.input_scale_source == "calibration:scales_summary_wan22_5b.json p99.9x1.08"
     assert p.tensor_dtypes["patch_embedding.weight"] == "fp32"         # GGUF F32 (5-D via orig_shape) and preset
     assert p.tensor_dtypes["blocks.5.norm3.weight"] == "fp32"
-    assert fmt(p, "blocks.1.self_attn.q") == "fp16" and "gguf_keep_edge_blocks" in p.layers["blocks.1.self_attn.q"].reason
+    assert fmt(p, "blocks.1.self_attn.q") == "fp16"
+    assert "gguf_keep_edge_blocks" in p.layers["blocks.1.self_attn.q"].reason
 
 
 @needs_seed
@@ -424,3 +426,105 @@ def test_recipe_seed_copy_is_read_only_safe(tmp_path):
                                                            "cross_attn.o", "cross_attn.norm_q", "cross_attn.norm_k")}
     lst = resolve_layer_list(dst, known)
     assert len(lst.entries) == 184 and sum(e.glued for e in lst.entries) == 2
+
+
+# ---------------------------------------------------------------------------------------------------- calibration-
+# and report-driven rules (the original's fp16-std and sensitivity/clip-rate flags)
+@needs_seed
+@pytest.mark.parametrize("summary, blocks, flagged, thr", [
+    ("scales_summary_wan22_5b.json", 30, 23, "0.0004544"),
+    ("scales_summary_wan22_14b_highnoise.json", 40, 32, None),
+    ("scales_summary_wan22_14b_lownoise.json", 40, 35, None),
+])
+def test_keep_high_variance_matches_the_original_counts(summary, blocks, flagged, thr):
+    # original-scripts.md §10.1: 23 / 32 / 35 layers flagged with the default thresholds (auto std thr 4.544e-4)
+    p = plan_wan(blocks, mode="all", keep_high_variance=True,
+                 input_scale=InputScaleOptions(calibration=str(SEED / summary)))
+    kept = [n for n, d in p.layers.items() if d.reason.startswith("high_variance")]
+    assert len(kept) == flagged and all(fmt(p, n) == "fp32" for n in kept)
+    note = next(n for n in p.notes if n.startswith("high variance"))
+    assert f"{flagged} calibrated layer(s) flagged" in note and (thr is None or thr in note)
+    # their scales are unused and reported; the other calibrated layers keep their static scale
+    assert all(p.layers[n].input_scale is None for n in kept)
+
+
+def test_keep_high_variance_needs_calibration():
+    with pytest.raises(PlanError, match="--keep-high-variance needs calibration data"):
+        plan_wan(keep_high_variance=True)
+
+
+def write_report(path, rows):
+    from nvfp4_lab.calibration.sensitivity import LayerSensitivity, SensitivityReport
+    layers = [LayerSensitivity(layer=n, params=64 * 256, shape=[64, 256], formats=f) for n, f in rows.items()]
+    SensitivityReport(inputs="recorded", source={"file": "model.safetensors"}, layers=layers).save(path)
+    return str(path)
+
+
+def test_sensitivity_and_clip_rate_thresholds(tmp_path):
+    ok = {"status": "ok"}
+    rep = write_report(tmp_path / "r.json", {
+        "blocks.3.self_attn.q": {NV: {**ok, "rel_rmse": 0.30, "clip_rate": 0.0}},
+        "blocks.3.self_attn.k": {NV: {**ok, "rel_rmse": 0.05, "clip_rate": 0.2}},
+        "blocks.3.ffn.0": {NV: {**ok, "rel_rmse": 0.05, "clip_rate": 0.0}},
+        "blocks.3.cross_attn.q": {NV: {"status": "non-finite output", "rel_rmse": None}},
+    })
+    p = plan_wan(sensitivity=rep, sensitivity_threshold=0.1, clip_rate_threshold=0.1)
+    assert fmt(p, "blocks.3.self_attn.q") == "fp32"
+    assert p.layers["blocks.3.self_attn.q"].reason.startswith("sensitivity: rel_rmse 0.3 > 0.1")
+    assert fmt(p, "blocks.3.self_attn.k") == "fp32" and "clip_rate: clip_rate 0.2 > 0.1" in \
+        p.layers["blocks.3.self_attn.k"].reason
+    assert fmt(p, "blocks.3.ffn.0") == NV
+    assert any("not judged: blocks.3.cross_attn.q" in n for n in p.notes)
+    p = plan_wan(sensitivity=rep, sensitivity_threshold=0.1, sensitivity_action="w4a16")
+    assert fmt(p, "blocks.3.self_attn.q") == W4
+    assert p.layers["blocks.3.self_attn.q"].reason.startswith("w4a16: sensitivity: rel_rmse 0.3 > 0.1")
+
+
+def test_sensitivity_report_names_are_validated(tmp_path):
+    rep = write_report(tmp_path / "r.json", {"blocks.3.cross_attn.k_img": {NV: {"status": "ok", "rel_rmse": 0.5}}})
+    with pytest.raises(PlanError, match="'blocks.3.cross_attn.k_img'.*another model"):
+        plan_wan(sensitivity=rep, sensitivity_threshold=0.1)
+
+
+@needs_seed
+def test_original_sensitivity_json_is_refused():
+    from nvfp4_lab.quant.errors import CalibrationError
+    with pytest.raises(CalibrationError, match="input-precision report from the original analyzer"):
+        plan_wan(30, sensitivity=str(SEED / "sensitivity_wan22_5b.json"), sensitivity_threshold=0.1)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(sensitivity_threshold=0.1), "need --sensitivity REPORT"),
+    (dict(sensitivity="r.json"), "--sensitivity needs --budget"),
+    (dict(sensitivity="r.json", sensitivity_threshold=0.0), "--sensitivity-threshold must be a finite number > 0"),
+    (dict(sensitivity="r.json", clip_rate_threshold=0.1, clip_rate_action="fp16"), "--clip-rate-action"),
+])
+def test_report_option_validation(kw, msg):
+    with pytest.raises(PlanError, match=msg):
+        plan_wan(**kw)
+
+
+def test_budget_hook_hands_the_rule_plan_to_the_budget_planner(monkeypatch):
+    import nvfp4_lab.calibration.budget as budget
+    seen = {}
+
+    def fake_plan_for_budget(base_plan, report, spec, ckpt, **kw):
+        seen.update(report=report, spec=spec, scales=base_plan.layers["blocks.3.ffn.0"].input_scale)
+        apply_overrides(base_plan, {"blocks.3.ffn.0": ("fp8", "budget says so")}, source="budget")
+        return base_plan, None
+
+    monkeypatch.setattr(budget, "plan_for_budget", fake_plan_for_budget)
+    p = plan_wan(sensitivity="r.json", budget="4.8bpw", input_scale=InputScaleOptions(value=0.01))
+    assert seen == {"report": "r.json", "spec": "4.8bpw", "scales": 0.01}   # scales assigned before the budget
+    assert fmt(p, "blocks.3.ffn.0") == FP8 and p.layers["blocks.3.ffn.0"].reason.startswith("budget: budget says so")
+    assert p.layers["blocks.3.ffn.0"].input_scale is None                   # left the NVFP4 family
+
+
+def test_cli_report_flags_and_aliases():
+    o = parse(["--input-scale-summary-fp16-std", "--input-scale-summary-std-threshold", "0.001",
+               "--input-scale-summary-cv-threshold", "0.3", "--sensitivity-json", "r.json", "--sensitivity-threshold",
+               "0.2", "--sensitivity-action", "full_precision_mm", "--clip-rate-threshold", "0.05",
+               "--clip-rate-action", "fp16", "--budget", "9GB"])
+    assert o.keep_high_variance and o.variance_std_threshold == 0.001 and o.variance_cv_threshold == 0.3
+    assert (o.sensitivity, o.sensitivity_threshold, o.sensitivity_action) == ("r.json", 0.2, "w4a16")
+    assert (o.clip_rate_threshold, o.clip_rate_action, o.budget) == (0.05, "keep", "9GB")
