@@ -420,7 +420,14 @@ def rebuild_sample(summary: LegacySummary, row: dict) -> np.ndarray:
     grid = np.arange(n, dtype=np.float64)
     out = np.exp(np.interp(grid, r, np.log(x))) if vmin > 0 else np.interp(grid, r, x)
     out = np.clip(out, vmin, vmax)
-    out[0], out[-1] = vmin, vmax  # exact, not exp(log(v))
+    # flat stretches (ties: amax values are bf16 numbers) must be exact, not exp(log(v))
+    seg = np.clip(np.searchsorted(r, grid, side="right") - 1, 0, len(r) - 2)
+    flat = x[seg] == x[seg + 1]
+    out[flat] = x[seg][flat]
+    for k, val in zip(r, x):
+        if float(k).is_integer():
+            out[int(k)] = val
+    out[0], out[-1] = vmin, vmax
     return out
 
 

@@ -78,12 +78,14 @@ class RunData:
 
     calls[layer]: whole-call amax (float32), one per hook call — the value ComfyUI's dynamic scale would use.
     steps[layer]: step index per call (int64, -1 = unknown).
-    chunks[layer][label]: (amax per chunk call, step per chunk call) for each cond label when the calls carried a
-        cond/uncond layout; absent when not known.
+    conds[layer]: cond label per call: 'cond'/'uncond'/… when the whole call belonged to one cond, None when unknown
+        or when the call batched several conds (then its chunks are in `chunks`).
+    chunks[layer][label]: (amax per chunk, step per chunk) of the calls that batched several conds.
     """
 
     calls: dict[str, np.ndarray] = field(default_factory=dict)
     steps: dict[str, np.ndarray] = field(default_factory=dict)
+    conds: dict[str, list[str | None]] = field(default_factory=dict)
     chunks: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
 
     @property
@@ -132,15 +134,15 @@ class Recorder:
     asks for). One Recorder may be shared by many hooks; it is thread-safe for appends.
     """
 
-    def __init__(self, *, per_chunk: bool = True, sample_rows: int = 0, seed: int = 0):
+    def __init__(self, *, per_chunk: bool = True, sample_rows: int = 0, seed: int | None = None):
         """per_chunk: also record per cond/uncond chunk when the context gives a layout.
         sample_rows: keep up to this many real input rows per layer for the sensitivity probe (0 = off).
-        seed: seed of the row sampler's own generator (the global RNG is never touched)."""
+        seed: seed of the row sampler's own generator (None = random; the global RNG is never touched)."""
         if sample_rows < 0:
             raise ValueError("sample_rows must be >= 0")
         self.per_chunk = per_chunk
         self.sample_rows = int(sample_rows)
-        self.seed = int(seed)
+        self.seed = int.from_bytes(os.urandom(7), "little") if seed is None else int(seed)
         self.context = RecordContext()
         self._lock = threading.RLock()
         self._layer_ids: dict[str, int] = {}
@@ -236,6 +238,8 @@ class Recorder:
         k = len(layout) if layout else 1
         if k > 1 and (x.dim() == 0 or x.shape[0] % k != 0):
             layout, k = None, 1         # batch dim does not split into the chunks: whole call only
+        elif k == 1 and layout is not None and len(set(layout)) == 1:
+            layout = layout[:1]         # one cond only: the whole call belongs to it
         if k > 1:
             v = torch.linalg.vector_norm(x.unflatten(0, (k, x.shape[0] // k)), ord=math.inf,
                                          dim=tuple(range(1, x.dim() + 1)))
@@ -244,7 +248,7 @@ class Recorder:
         with self._lock:
             step_slot = self._step_slot(ctx.step)
             self._pending_vals.append(v)
-            self._pending_meta.append((layer_id, self._layout_id(layout if k > 1 else None), step_slot, k))
+            self._pending_meta.append((layer_id, self._layout_id(layout), step_slot, k))
             self._pending_count += k
             self.total_calls += 1
             if len(self._pending_vals) >= self._compact_at:
@@ -333,14 +337,19 @@ class Recorder:
         call_steps = np.where(step_slots >= 0, host_steps[np.maximum(step_slots, 0)] if host_steps.size else -1, -1)
         # Whole-call amax = max over the call's chunks.
         whole = np.maximum.reduceat(host_vals, offsets) if host_vals.size else np.zeros(0, np.float32)
+        # Per layout: the single cond label of the whole call (None if unknown or mixed).
+        layout_cond = [None if not lay or len(set(lay)) != 1 else cond_label(lay[0]) for lay in self._layout_list]
         for lid in np.unique(layer_ids):
             name = self._layer_names[lid]
             sel = layer_ids == lid
             data.calls[name] = whole[sel].astype(np.float32)
             data.steps[name] = call_steps[sel].astype(np.int64)
+            data.conds[name] = [layout_cond[i] for i in layout_ids[sel]]
             chunks: dict[str, tuple[list[float], list[int]]] = {}
             for i in np.nonzero(sel & (layout_ids > 0))[0]:
                 layout = self._layout_list[layout_ids[i]]
+                if layout_cond[layout_ids[i]] is not None:
+                    continue
                 for j, c in enumerate(layout):
                     lv, ls = chunks.setdefault(cond_label(c), ([], []))
                     lv.append(host_vals[offsets[i] + j])
@@ -360,17 +369,23 @@ class Recorder:
         return RunSummary(layers=len(data.calls), calls=data.total_calls, data=data)
 
     # ---------------------------------------------------------------- samples
-    def input_samples(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """The current row samples as host tensors: layer -> (rows [n, in_features], keys [n])."""
+    def input_samples(self, *, clear: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The row samples kept since the last clear, as host tensors: layer -> (rows [n, in_features], keys [n]).
+
+        With clear=True the recorder forgets them (what `save_input_samples` does after merging them into a file:
+        bottom-k of the union equals bottom-k of the per-part bottom-k's, so saving in parts stays exact)."""
         with self._lock:
             res = dict(self._reservoirs)
+            if clear:
+                self._reservoirs = {}
         return {name: (r.rows.cpu(), r.keys.float().cpu()) for name, r in res.items()}
 
     def save_input_samples(self, path: str | Path) -> Path | None:
-        """Merge this recorder's row samples into the sidecar at `path` (locked, atomic); None when sampling is off."""
+        """Merge the rows sampled since the last save into the sidecar at `path` (locked, atomic) and forget them;
+        None when sampling is off or nothing was sampled."""
         if not self.sample_rows:
             return None
-        samples = self.input_samples()
+        samples = self.input_samples(clear=True)
         if not samples:
             return None
         return save_input_samples(path, samples, max_rows=self.sample_rows)
@@ -413,24 +428,23 @@ def _to_host(vals_list: list[torch.Tensor], steps: list[int | torch.Tensor]) -> 
 
 # ---------------------------------------------------------------------- store bridge
 def write_run(store, data: RunData) -> None:
-    """Write one run into a CalibrationStore: whole-call amax per (layer, step); per-chunk amax per (layer, step, cond).
+    """Write one run into a CalibrationStore, grouped by (step, cond).
 
-    `store.record(layer, values, step=None, cond=None)` is the store's contract. Whole-call values are recorded with
-    cond=None (they are what ComfyUI's dynamic scale sees); per-chunk values go to the cond buckets only.
+    Whole calls go to `store.record(layer, values, step=, cond=)` with the call's cond label when the call held one
+    cond only, else cond=None (they are what ComfyUI's dynamic scale sees); the per-chunk amax of calls that batched
+    cond and uncond go to `store.record_cond` (chunk buckets only, never added to the layer totals).
     """
-    record_chunk = getattr(store, "record_cond", None)
     for name, vals in data.calls.items():
         steps = data.steps[name]
-        for step in np.unique(steps):
-            sel = steps == step
-            store.record(name, vals[sel], step=None if step < 0 else int(step), cond=None)
+        conds = np.asarray([c if c is not None else "" for c in data.conds.get(name, [None] * vals.size)], dtype=object)
+        keys = sorted({(int(s), c) for s, c in zip(steps.tolist(), conds.tolist())})
+        for step, cond in keys:
+            sel = (steps == step) & (conds == cond)
+            store.record(name, vals[sel], step=None if step < 0 else step, cond=cond or None)
         for label, (cv, cs) in data.chunks.get(name, {}).items():
-            for step in np.unique(cs):
+            for step in np.unique(cs).tolist():
                 sel = cs == step
-                if record_chunk is not None:
-                    record_chunk(name, cv[sel], step=None if step < 0 else int(step), cond=label)
-                else:
-                    store.record(name, cv[sel], step=None if step < 0 else int(step), cond=label)
+                store.record_cond(name, cv[sel], step=None if step < 0 else int(step), cond=label)
 
 
 # ---------------------------------------------------------------------- sidecar
@@ -439,41 +453,6 @@ def input_samples_path(store_path: str | Path) -> Path:
     p = Path(store_path)
     stem = p.name[: -len(".json")] if p.name.endswith(".json") else p.name
     return p.with_name(f"{stem}.samples.safetensors")
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path, timeout: float = 60.0) -> Iterator[None]:
-    """Exclusive advisory lock on `<path>.lock` (fcntl on POSIX, msvcrt on Windows)."""
-    import time
-
-    lock_path = path.with_name(path.name + ".lock")
-    fh = open(lock_path, "a+b")
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if os.name == "nt":  # pragma: no cover
-                    import msvcrt
-
-                    msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
-                else:
-                    import fcntl
-
-                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise CalibrationError(f"{path}: could not lock {lock_path} within {timeout:.0f} s; "
-                                           "is another process writing it?") from None
-                time.sleep(0.05)
-        yield
-    finally:
-        if os.name != "nt":
-            import fcntl
-
-            with contextlib.suppress(OSError):
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-        fh.close()
 
 
 def _read_samples_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
@@ -524,7 +503,9 @@ def save_input_samples(path: str | Path, samples: dict[str, tuple[torch.Tensor, 
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(p):
+    from .store import file_lock
+
+    with file_lock(p):
         rows: dict[str, torch.Tensor] = {}
         keys: dict[str, torch.Tensor] = {}
         if p.is_file():

@@ -250,6 +250,8 @@ def choose_scale(layer: str, stats: LayerStats, method: str = "percentile", perc
     else:
         s0, err_at = _mse_scale(stats, model, tolerance)
         amax = s0 * NVFP4_SCALE_DENOM
+        if math.isclose(amax, stats.max, rel_tol=1e-12):
+            amax = float(stats.max)  # the max candidate: no rounding crumbs in the clip fraction
         threshold = amax * margin
     s = max(threshold / NVFP4_SCALE_DENOM, MIN_SCALE)
     clip = stats.fraction_above(threshold)

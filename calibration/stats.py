@@ -9,7 +9,7 @@ combined pairwise so that ``merge(record(A), record(B)) == record(A + B)``:
   (raw power sums are not: cross_attn.q has amax ~50 with a coefficient of variation of 0.002);
 * the integer log-histogram of :mod:`.histogram` (exact), giving any percentile, clip fractions and the outlier
   fraction later;
-* per (cond, step) buckets with their own moments, min, max and a coarse (16 bins/octave) histogram, for the
+* per (cond, step) buckets with count/mean/M2, min, max and a coarse (16 bins/octave) histogram, for the
   amax-vs-step plots and per-cond summaries. ``buckets`` hold whole calls (they partition the layer's calls, so
   merging them over all keys gives the layer totals); ``chunk_buckets`` hold per cond/uncond *chunks* of batched
   calls (``add_chunk``): they describe the same calls again, split by cond, and are never added to the totals;
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .histogram import BINS_PER_OCTAVE, STEP_BINS_PER_OCTAVE, LogHistogram, bin_indices
+from .histogram import BINS_PER_OCTAVE, MAX_EXP, MIN_EXP, STEP_BINS_PER_OCTAVE, LogHistogram, bin_indices
 
 
 def _finite_or_none(x: float | None) -> float | None:
@@ -56,6 +56,8 @@ class Moments:
         n = int(x.size)
         if n == 0:
             return cls()
+        if n == 1:
+            return cls(1, float(x[0]), 0.0, 0.0, 0.0)
         mean = float(x.mean())
         d = x - mean
         d2 = d * d
@@ -126,10 +128,40 @@ class Moments:
 
 
 @dataclass
-class StepBucket:
-    """Statistics of the calls of one (cond, step) pair: moments, exact min/max, coarse histogram."""
+class Moments2:
+    """Count, mean and M2 only (for step buckets: mean and std are all the plots need)."""
 
-    moments: Moments = field(default_factory=Moments)
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def merge(self, other: Moments2) -> Moments2:
+        na, nb = self.n, other.n
+        if nb == 0:
+            return Moments2(self.n, self.mean, self.m2)
+        if na == 0:
+            return Moments2(other.n, other.mean, other.m2)
+        n = na + nb
+        delta = other.mean - self.mean
+        return Moments2(n, self.mean + delta * nb / n, self.m2 + other.m2 + delta * delta * na * nb / n)
+
+    @property
+    def std(self) -> float | None:
+        return math.sqrt(max(self.m2, 0.0) / self.n) if self.n else None
+
+    def close_to(self, other: Moments2, rtol: float = 1e-9) -> bool:
+        if self.n != other.n:
+            return False
+        scale2 = max(abs(self.m2), abs(other.m2), 1e-300)
+        return (math.isclose(self.mean, other.mean, rel_tol=rtol, abs_tol=rtol * math.sqrt(scale2 / max(self.n, 1)))
+                and math.isclose(self.m2, other.m2, rel_tol=rtol, abs_tol=rtol * scale2))
+
+
+@dataclass
+class StepBucket:
+    """Statistics of the calls of one (cond, step) pair: count/mean/M2, exact min/max, coarse histogram."""
+
+    moments: Moments2 = field(default_factory=Moments2)
     min: float | None = None
     max: float | None = None
     hist: LogHistogram = field(default_factory=lambda: LogHistogram(STEP_BINS_PER_OCTAVE))
@@ -142,18 +174,15 @@ class StepBucket:
     def mean(self) -> float | None:
         return self.moments.mean if self.moments.n else None
 
+    @property
+    def std(self) -> float | None:
+        return self.moments.std
+
     def percentile(self, p: float) -> float | None:
         """Percentile from the coarse histogram (bins 4.4 % wide): for plots, not for scales."""
         if not self.count:
             return None
         return float(self.hist.quantiles([p / 100.0], self.min, self.max)[0])
-
-    def _add(self, x: np.ndarray, fine_idx: np.ndarray) -> None:
-        self.moments = self.moments.merge(Moments.from_values(x))
-        lo, hi = float(x.min()), float(x.max())
-        self.min = lo if self.min is None else min(self.min, lo)
-        self.max = hi if self.max is None else max(self.max, hi)
-        self.hist.add_indices(self.hist.coarse_indices(fine_idx))
 
     def update(self, other: StepBucket) -> None:
         if not other.count:
@@ -164,24 +193,108 @@ class StepBucket:
         self.hist.update(other.hist)
 
     def copy(self) -> StepBucket:
-        return StepBucket(Moments(**vars(self.moments)), self.min, self.max, self.hist.copy())
+        return StepBucket(Moments2(self.moments.n, self.moments.mean, self.moments.m2), self.min, self.max,
+                          self.hist.copy())
 
-    def to_json(self) -> dict:
-        return {"moments": self.moments.to_json(), "min": self.min, "max": self.max, "hist": self.hist.to_json()}
+    def same_as(self, other: StepBucket, rtol: float = 1e-9) -> bool:
+        return (self.min == other.min and self.max == other.max and self.hist == other.hist
+                and self.moments.close_to(other.moments, rtol))
 
-    @classmethod
-    def from_json(cls, d: dict) -> StepBucket:
-        b = cls(Moments.from_json(d["moments"]), _finite_or_none(d.get("min")), _finite_or_none(d.get("max")),
-                LogHistogram.from_json(d["hist"]))
-        if b.hist.bins_per_octave != STEP_BINS_PER_OCTAVE:
-            raise ValueError(f"step histogram must have {STEP_BINS_PER_OCTAVE} bins per octave")
-        if b.hist.total != b.count or (b.count and (b.min is None or b.max is None)):
-            raise ValueError("step bucket counts are inconsistent")
-        return b
+
+_COARSE_SHIFT = int(math.log2(BINS_PER_OCTAVE // STEP_BINS_PER_OCTAVE))
+
+
+def _fold_buckets(target: dict, keys: list, x: np.ndarray, fine_idx: np.ndarray, gid: np.ndarray) -> None:
+    """Add values grouped by bucket id (index into `keys`) to the buckets in `target`: vectorized per group."""
+    order = np.argsort(gid, kind="stable")
+    g, xs, ci = gid[order], x[order], fine_idx[order] >> _COARSE_SHIFT
+    starts = np.flatnonzero(np.concatenate(([True], g[1:] != g[:-1])))
+    cnt = np.diff(np.append(starts, g.size))
+    means = np.add.reduceat(xs, starts) / cnt
+    d = xs - np.repeat(means, cnt)
+    m2 = np.add.reduceat(d * d, starts)
+    mins = np.minimum.reduceat(xs, starts)
+    maxs = np.maximum.reduceat(xs, starts)
+    cmin = int(ci.min())
+    span = int(ci.max()) - cmin + 1
+    comb = np.repeat(np.arange(starts.size, dtype=np.int64), cnt) * span + (ci - cmin)
+    uc, cc = np.unique(comb, return_counts=True)
+    buckets = []
+    for gj, n, mu, v2, lo, hi in zip(g[starts].tolist(), cnt.tolist(), means.tolist(), m2.tolist(),
+                                     mins.tolist(), maxs.tolist()):
+        key = keys[gj]
+        b = target.get(key)
+        if b is None:
+            b = target[key] = StepBucket()
+        b.moments = b.moments.merge(Moments2(n, mu, v2))
+        b.min = lo if b.min is None else min(b.min, lo)
+        b.max = hi if b.max is None else max(b.max, hi)
+        buckets.append(b)
+    lo_i = MIN_EXP * STEP_BINS_PER_OCTAVE
+    hi_i = MAX_EXP * STEP_BINS_PER_OCTAVE
+    for pos, k, c in zip((uc // span).tolist(), (uc % span + cmin).tolist(), cc.tolist()):
+        h = buckets[pos].hist
+        if k < lo_i:
+            h.under += c
+        elif k >= hi_i:
+            h.over += c
+        else:
+            h.counts[k] = h.counts.get(k, 0) + c
+
+
+def _buckets_to_json(buckets: dict) -> dict:
+    """Columnar JSON of a bucket dict (one list per field; far smaller than one object per bucket)."""
+    keys = sorted(buckets, key=_bucket_sort_key)
+    bs = [buckets[k] for k in keys]
+    hists = [b.hist.to_json() for b in bs]
+    out = {"cond": [k[0] for k in keys], "step": [k[1] for k in keys], "n": [b.moments.n for b in bs],
+           "mean": [b.moments.mean for b in bs], "m2": [b.moments.m2 for b in bs], "min": [b.min for b in bs],
+           "max": [b.max for b in bs], "hist_index_delta": [h["index_delta"] for h in hists],
+           "hist_count": [h["count"] for h in hists]}
+    if any(b.hist.under for b in bs):
+        out["hist_under"] = [b.hist.under for b in bs]
+    if any(b.hist.over for b in bs):
+        out["hist_over"] = [b.hist.over for b in bs]
+    return out
+
+
+def _buckets_from_json(d: dict) -> dict:
+    if not isinstance(d, dict):
+        raise TypeError("buckets must be an object of columns")
+    cols = ("cond", "step", "n", "mean", "m2", "min", "max", "hist_index_delta", "hist_count")
+    m = len(d["cond"])
+    for c in cols + tuple(c for c in ("hist_under", "hist_over") if c in d):
+        if not isinstance(d[c], list) or len(d[c]) != m:
+            raise ValueError(f"bucket column {c!r} must be a list of {m} entries")
+    under, over = d.get("hist_under", [0] * m), d.get("hist_over", [0] * m)
+    out: dict = {}
+    for i in range(m):
+        cond, step = d["cond"][i], d["step"][i]
+        if cond is not None and not isinstance(cond, str):
+            raise TypeError("bucket cond must be a string or null")
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
+            raise TypeError("bucket step must be an integer or null")
+        if (cond, step) in out:
+            raise ValueError(f"duplicate bucket {(cond, step)}")
+        hist = LogHistogram.from_json({"bins_per_octave": STEP_BINS_PER_OCTAVE, "index_delta": d["hist_index_delta"][i],
+                                       "count": d["hist_count"][i], "under": under[i], "over": over[i]})
+        n = int(d["n"][i])
+        b = StepBucket(Moments2(n, float(d["mean"][i]), float(d["m2"][i])), _finite_or_none(d["min"][i]),
+                       _finite_or_none(d["max"][i]), hist)
+        if n <= 0 or hist.total != n or b.min is None or b.max is None or b.min > b.max:
+            raise ValueError(f"bucket {(cond, step)} is inconsistent (count, histogram, min/max)")
+        out[(cond, step)] = b
+    return out
 
 
 BucketKey = tuple[str | None, int | None]
 ANY_COND = object()  # sentinel for LayerStats.steps(): merge all conds
+
+
+def _key(cond: str | None, step: int | None) -> BucketKey:
+    if cond is not None and not isinstance(cond, str):
+        raise TypeError(f"cond must be a str or None, got {type(cond).__name__}")
+    return (cond, None if step is None else int(step))
 
 
 def _bucket_sort_key(key: BucketKey) -> tuple:
@@ -200,7 +313,7 @@ class LayerStats:
         self.min: float | None = None
         self.max: float | None = None
         self.nonfinite = 0
-        self.hist = LogHistogram(BINS_PER_OCTAVE)
+        self.hist = LogHistogram(BINS_PER_OCTAVE, track_ranges=True)
         self.buckets: dict[BucketKey, StepBucket] = {}
         self.chunk_buckets: dict[BucketKey, StepBucket] = {}
         self.formats: dict[str, int] = {}
@@ -212,53 +325,50 @@ class LayerStats:
             cond: str | None = None, *, fmt: str | None = None) -> None:
         """Record per-call amax values (one value per forward call), all from the same sampler step and cond.
 
-        Vectorized: 1e5 values cost a few milliseconds. NaN/Inf are counted in ``nonfinite`` and otherwise ignored;
+        Vectorized: 1e5 values take ~10 ms. NaN/Inf are counted in ``nonfinite`` and otherwise ignored;
         negative values are a caller bug and raise ValueError.
         """
         x = np.asarray(amax_values, dtype=np.float64).ravel()
-        if x.size == 0:
-            return
-        finite = np.isfinite(x)
-        if not finite.all():
-            self.nonfinite += int(x.size - np.count_nonzero(finite))
-            x = x[finite]
-            if x.size == 0:
-                return
-        if x.size and float(x.min()) < 0:
-            raise ValueError("amax values must be >= 0 (got a negative value)")
-        if step is not None:
-            step = int(step)
-        if cond is not None and not isinstance(cond, str):
-            raise TypeError(f"cond must be a str or None, got {type(cond).__name__}")
-        idx = bin_indices(x)
-        self.hist.add_indices(idx)
-        self.moments = self.moments.merge(Moments.from_values(x))
-        lo, hi = float(x.min()), float(x.max())
-        self.min = lo if self.min is None else min(self.min, lo)
-        self.max = hi if self.max is None else max(self.max, hi)
-        key = (cond, step)
-        bucket = self.buckets.get(key)
-        if bucket is None:
-            bucket = self.buckets[key] = StepBucket()
-        bucket._add(x, idx)
-        if fmt:
-            self.formats[fmt] = self.formats.get(fmt, 0) + int(x.size)
+        self.add_grouped(x, np.zeros(x.size, np.int64), [_key(cond, step)], fmt=fmt)
 
     def add_chunk(self, amax_values: np.ndarray | list[float] | float, step: int | None = None,
                   cond: str | None = None) -> None:
         """Record the amax of one cond/uncond chunk of batched calls: only the chunk buckets see them (the whole
         call was already recorded with `add`)."""
         x = np.asarray(amax_values, dtype=np.float64).ravel()
-        x = x[np.isfinite(x)]
+        self.add_grouped(x, np.zeros(x.size, np.int64), [_key(cond, step)], chunk=True)
+
+    def add_grouped(self, values: np.ndarray, group: np.ndarray, keys: list[BucketKey], *, chunk: bool = False,
+                    fmt: str | None = None) -> None:
+        """Record many calls at once: ``values[i]`` belongs to bucket ``keys[group[i]]`` (a (cond, step) pair).
+
+        One pass over the layer's values for the totals, one grouped pass for all buckets: what the store uses to
+        fold everything recorded since the last save. chunk=True: chunk buckets only (see `add_chunk`)."""
+        x = np.asarray(values, dtype=np.float64).ravel()
+        gid = np.asarray(group, dtype=np.int64).ravel()
+        if x.size != gid.size:
+            raise ValueError("values and group must have the same length")
         if x.size == 0:
             return
-        if float(x.min()) < 0:
+        finite = np.isfinite(x)
+        if not finite.all():
+            if not chunk:
+                self.nonfinite += int(x.size - np.count_nonzero(finite))
+            x, gid = x[finite], gid[finite]
+            if x.size == 0:
+                return
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0:
             raise ValueError("amax values must be >= 0 (got a negative value)")
-        key = (cond, None if step is None else int(step))
-        bucket = self.chunk_buckets.get(key)
-        if bucket is None:
-            bucket = self.chunk_buckets[key] = StepBucket()
-        bucket._add(x, bin_indices(x))
+        idx = bin_indices(x)
+        if not chunk:
+            self.hist.add_indices(idx, x)
+            self.moments = self.moments.merge(Moments.from_values(x))
+            self.min = lo if self.min is None else min(self.min, lo)
+            self.max = hi if self.max is None else max(self.max, hi)
+            if fmt:
+                self.formats[fmt] = self.formats.get(fmt, 0) + int(x.size)
+        _fold_buckets(self.chunk_buckets if chunk else self.buckets, keys, x, idx, gid)
 
     def add_provided(self, scale: float, count: int = 1, *, fmt: str | None = None) -> None:
         """Record calls that ran with a static (provided) input_scale: their amax is unknown, the scale is kept."""
@@ -318,9 +428,7 @@ class LayerStats:
             return False
         for mine, theirs in ((self.buckets, other.buckets), (self.chunk_buckets, other.chunk_buckets)):
             for k, b in mine.items():
-                o = theirs[k]
-                if (b.min != o.min or b.max != o.max or b.hist != o.hist
-                        or not b.moments.close_to(o.moments, rtol)):
+                if not b.same_as(theirs[k], rtol):
                     return False
         return True
 
@@ -424,12 +532,11 @@ class LayerStats:
             "max": self.max,
             "moments": self.moments.to_json(),
             "hist": self.hist.to_json(),
-            "buckets": [{"cond": c, "step": s, **self.buckets[(c, s)].to_json()}
-                        for c, s in sorted(self.buckets, key=_bucket_sort_key)],
         }
+        if self.buckets:
+            d["buckets"] = _buckets_to_json(self.buckets)
         if self.chunk_buckets:
-            d["chunk_buckets"] = [{"cond": c, "step": s, **self.chunk_buckets[(c, s)].to_json()}
-                                  for c, s in sorted(self.chunk_buckets, key=_bucket_sort_key)]
+            d["chunk_buckets"] = _buckets_to_json(self.chunk_buckets)
         if self.formats:
             d["formats"] = dict(sorted(self.formats.items()))
         if self.provided:
@@ -451,25 +558,17 @@ class LayerStats:
         if s.hist.bins_per_octave != BINS_PER_OCTAVE:
             raise ValueError(f"layer histogram must have {BINS_PER_OCTAVE} bins per octave, "
                              f"got {s.hist.bins_per_octave}")
+        if s.hist.ranges is None:
+            raise ValueError("layer histogram lacks its per-bin ranges (bin_min/bin_max)")
         if int(d.get("count", s.count)) != s.count or s.hist.total != s.count:
             raise ValueError(f"count {d.get('count')} does not match the moments ({s.count}) "
                              f"and histogram ({s.hist.total})")
         if s.count and (s.min is None or s.max is None or s.min > s.max):
             raise ValueError("min/max missing or inconsistent")
-        for field_name, target in (("buckets", s.buckets), ("chunk_buckets", s.chunk_buckets)):
-            entries = d.get(field_name, [])
-            if not isinstance(entries, list):
-                raise TypeError(f"{field_name} must be a list")
-            for b in entries:
-                cond, step = b.get("cond"), b.get("step")
-                if cond is not None and not isinstance(cond, str):
-                    raise TypeError("bucket cond must be a string or null")
-                if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
-                    raise TypeError("bucket step must be an integer or null")
-                key = (cond, step)
-                if key in target:
-                    raise ValueError(f"duplicate bucket {key}")
-                target[key] = StepBucket.from_json(b)
+        if "buckets" in d:
+            s.buckets = _buckets_from_json(d["buckets"])
+        if "chunk_buckets" in d:
+            s.chunk_buckets = _buckets_from_json(d["chunk_buckets"])
         if s.buckets and sum(b.count for b in s.buckets.values()) != s.count:
             raise ValueError("step buckets do not add up to the layer count")
         s.formats = {str(k): int(v) for k, v in d.get("formats", {}).items()}

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from .. import __version__
 from .common import EXIT_OK, EXIT_USAGE, add_debug_argument, run_command
 
-COMMANDS: tuple[str, ...] = ("layers", "plan", "probe", "calib")
+COMMANDS: tuple[str, ...] = ("layers", "plan", "convert", "demo", "probe", "calib")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -137,6 +137,7 @@ class NVFP4InspectLayers(io.ComfyNode):
             node_id="NVFP4InspectLayers",
             display_name="Inspect Layers (NVFP4)",
             category=CATEGORY,
+            is_output_node=True,  # shows its table even when nothing consumes its outputs
             description="Lists every layer of a model with its format (nvfp4, nvfp4-w4a16, fp8, bf16, ...), shape, "
                         "parameter count and size, totals per format, and the detected architecture and preset.",
             inputs=[

@@ -110,6 +110,7 @@ class NVFP4BuildPlan(io.ComfyNode):
             node_id="NVFP4BuildPlan",
             display_name="Build Plan (NVFP4)",
             category=CATEGORY,
+            is_output_node=True,  # shows its table even when nothing consumes its outputs
             description="Decides a format for every Linear layer: the preset's rules, your include/exclude/W4A16/FP8 "
                         "regexes and edge blocks, optionally guided by a GGUF file or by a sensitivity report within "
                         "a size budget, with static input scales from a calibration session. Preview only: nothing "

@@ -36,7 +36,7 @@ names for it are the diffusers names.)
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 FAMILIES = ("wan", "qwen_image", "flux", "flux2", "chroma", "lumina2", "hunyuan_video", "ltxv", "sd3", "generic")
@@ -161,7 +161,7 @@ class _Keys:
 _GROUP_RE = re.compile(r"((?:[A-Za-z_]\w*\.)*?[A-Za-z_]\w*)\.(\d+)\.[^.]+\.")
 
 
-def discover_block_groups(names: object) -> dict[str, int]:
+def discover_block_groups(names: Iterable[str]) -> dict[str, int]:
     """Block groups of an unknown model: every shortest `<prefix>.<int>.` with at least two more name components.
 
     Why two: `<prefix>.<int>.weight` is one Linear inside an `nn.Sequential` (Wan `text_embedding.0`, Qwen
@@ -169,9 +169,8 @@ def discover_block_groups(names: object) -> dict[str, int]:
     one, so `blocks.3.ffn.0.weight` gives `blocks` and `vace_blocks.3.…` gives `vace_blocks` (never `blocks`).
     Counts are max index + 1. The order is the order of first appearance.
     """
-    keys = names.names if isinstance(names, _Keys) else list(names)  # type: ignore[union-attr]
     counts: dict[str, int] = {}
-    for k in keys:
+    for k in names:
         m = _GROUP_RE.match(k)
         if m:
             prefix, idx = m.group(1), int(m.group(2))
@@ -378,8 +377,8 @@ def _wan_diffusers(k: _Keys) -> Architecture | None:
 
 
 def _flux_diffusers(k: _Keys) -> Architecture | None:
-    if not ("x_embedder.weight" in k and "context_embedder.weight" in k
-            and (k.has_prefix("single_transformer_blocks.0.") or k.has_prefix("transformer_blocks.0.attn.add_q_proj."))):
+    blocks = k.has_prefix("single_transformer_blocks.0.") or k.has_prefix("transformer_blocks.0.attn.add_q_proj.")
+    if not ("x_embedder.weight" in k and "context_embedder.weight" in k and blocks):
         return None
     groups = k.groups("transformer_blocks", "single_transformer_blocks")
     if "double_stream_modulation_img.linear.weight" in k:
@@ -435,4 +434,4 @@ def detect_architecture(shapes: Mapping[str, tuple[int, ...]]) -> Architecture:
         arch = detector(keys)
         if arch is not None:
             return arch
-    return _arch("generic", "generic-transformer", discover_block_groups(keys), preset="generic")
+    return _arch("generic", "generic-transformer", discover_block_groups(keys.names), preset="generic")

@@ -35,7 +35,7 @@ import torch
 
 from . import formats
 from .errors import CheckpointError
-from .safetensors_io import TensorInfo, header_bytes, read_header
+from .safetensors_io import TensorInfo, header_bytes, read_header, torch_dtype
 
 __all__ = ["DIFFUSION_PREFIX", "Checkpoint", "Layer", "open_checkpoint"]
 
@@ -122,7 +122,9 @@ class Checkpoint:
         self._raw = raw_names
         self._headers = headers
         self._gguf = gguf  # bare name -> ReaderTensor
-        self._handles: dict[tuple[Path, str], Any] = {}
+        self._handles: dict[Path, Any] = {}
+        # data section start per file (8-byte length + JSON header), for direct reads
+        self._data_start = {f: len(h) for f, h in zip(files, headers)} if gguf is None else {}
         self._layers: dict[str, Layer] | None = None
 
     # -- context manager -------------------------------------------------------------------------------------------
@@ -134,10 +136,10 @@ class Checkpoint:
         self.close()
 
     def close(self) -> None:
-        """Release open file handles (safe_open handles, GGUF memory maps)."""
+        """Release open file handles."""
         for handle in self._handles.values():
             with contextlib.suppress(Exception):
-                handle.__exit__(None, None, None)
+                handle.close()
         self._handles.clear()
         if self._gguf:
             self._gguf = {}  # drop the GGUF memory map (Windows keeps mapped files locked)
@@ -160,32 +162,38 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
 
-    def _handle(self, file: Path, device: str):
-        key = (file, device)
-        handle = self._handles.get(key)
+    def _file(self, file: Path):
+        handle = self._handles.get(file)
         if handle is None:
-            from safetensors import safe_open
-
             try:
-                handle = safe_open(str(file), framework="pt", device=device)
-                handle.__enter__()
-            except Exception as exc:  # safetensors raises its own error types
-                raise CheckpointError(f"{file}: cannot open for reading ({exc})") from None
-            self._handles[key] = handle
+                handle = open(file, "rb")  # noqa: SIM115 - kept open until close()
+            except OSError as exc:
+                raise CheckpointError(f"{file}: cannot open for reading ({exc.strerror})") from None
+            self._handles[file] = handle
         return handle
 
     def tensor(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        """Load one tensor (dtype as stored). GGUF: plain float/int types only; quantized types raise."""
+        """Load one tensor (dtype as stored). GGUF: plain float/int types only; quantized types raise.
+
+        Safetensors data is read with plain file reads into a fresh tensor, not through a memory map: a map would
+        keep every page the converter touched resident (counted in RSS) until the file is closed, so streaming a
+        model would still end up "holding" all of it. This way memory is one tensor at a time.
+        """
         info = self.info(name)
-        if self.kind == "gguf":
+        if self._gguf is not None:
             return self._gguf_tensor(name, info).to(device)
-        device = str(device)
+        out = torch.empty(info.nbytes, dtype=torch.uint8)
+        fh = self._file(info.file)
         try:
-            return self._handle(info.file, device).get_tensor(self._raw[name])
-        except CheckpointError:
-            raise
-        except Exception as exc:
+            fh.seek(self._data_start[info.file] + info.data_offsets[0])
+            got = fh.readinto(memoryview(out.numpy()).cast("B")) if info.nbytes else 0
+        except OSError as exc:
             raise CheckpointError(f"{info.file}: cannot read tensor {self._raw[name]!r} ({exc})") from None
+        if got != info.nbytes:
+            raise CheckpointError(f"{info.file}: tensor {self._raw[name]!r} is truncated ({got} of {info.nbytes} "
+                                  "bytes); the file is incomplete, download or copy it again")
+        tensor = out.view(torch_dtype(info.dtype)).reshape(info.shape)
+        return tensor if str(device) == "cpu" else tensor.to(device)
 
     def _gguf_tensor(self, name: str, info: TensorInfo) -> torch.Tensor:
         import numpy as np

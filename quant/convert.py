@@ -344,7 +344,9 @@ def convert(source: str | Path, output: str | Path, plan: Plan, *, device: str =
 def _progress_bar(total: int, enabled: bool, label: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="tensor", desc=f"writing {label}", disable=not enabled, dynamic_ncols=True)
+    # disable=None: tqdm shows the bar only on a terminal (no log spam in CI or ComfyUI's console capture)
+    return tqdm(total=total, unit="tensor", desc=f"writing {label}", disable=None if enabled else True,
+                dynamic_ncols=True)
 
 
 def verify_output(source: Checkpoint, output: Path, plan: Plan, report: ConvertReport, samples: int = 3) -> None:

@@ -57,14 +57,18 @@ def _amax_checked(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _scale_from_amax(amax: torch.Tensor, x_dtype: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
+    """The scale rule on the CPU (CUDA torch divides by a Python scalar via an inexact reciprocal), moved to amax's
+    device, so the bytes do not depend on the device."""
+    device = amax.device
+    amax = amax.cpu()
     if float(amax) == 0.0:
-        return torch.ones((), dtype=torch.float32, device=amax.device)  # ComfyUI: 0 -> NaN weights (see module doc)
+        return torch.ones((), dtype=torch.float32, device=device)  # ComfyUI: 0 -> NaN weights (see module doc)
     scale = amax.to(dtype=torch.float32) / torch.finfo(dtype).max
     if x_dtype not in (torch.float32, torch.bfloat16) or not math.isfinite(float((1.0 / scale).to(x_dtype))):
         # ComfyUI applies this to fp16 input; we also apply it where 1/scale would overflow x's dtype.
         info = torch.finfo(x_dtype)
         scale = 1.0 / torch.clamp(1.0 / scale, min=info.min, max=info.max)
-    return scale
+    return scale.to(device)
 
 
 @torch.no_grad()
@@ -90,13 +94,16 @@ def quantize_fp8(
     """
     scale = weight_scale(x, dtype, name=name)
     fp8_max = torch.finfo(dtype).max
-    temp = x * (1.0 / scale).to(x.dtype)  # product rounded to x's dtype, as comfy-kitchen eager does
+    recip = (1.0 / scale.cpu()).to(x.dtype).to(x.device)  # fp32 reciprocal (on CPU, see above), rounded to x's dtype
+    temp = x * recip  # product rounded to x's dtype, as comfy-kitchen eager does
     torch.clamp(temp, -fp8_max, fp8_max, out=temp)
     return temp.to(dtype), scale
 
 
 @torch.no_grad()
-def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_fp8(
+    weight: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """FP8 weight -> dense ``dtype``: ``weight.to(dtype) * scale.to(dtype)`` (ComfyUI / comfy-kitchen eager)."""
     _check_dtype(weight.dtype)
     if dtype not in _SUPPORTED_DTYPES:

@@ -117,9 +117,8 @@ def _examples(items: Sequence[str], n: int = 5) -> str:
 
 
 def _shape_ok(gguf_shape: Sequence[int], model_shape: Sequence[int]) -> bool:
-    g, m = tuple(int(s) for s in gguf_shape), tuple(int(s) for s in model_shape)
-    # GGUF stores dims in ggml order (reversed); accept either order so both reader conventions work.
-    return g == m or g == m[::-1]
+    # Checkpoint.info() gives GGUF shapes in logical (torch) order, already un-reversed from ggml's order.
+    return tuple(int(s) for s in gguf_shape) == tuple(int(s) for s in model_shape)
 
 
 def guide_from_gguf(gguf: Any, model_tensors: Mapping[str, Sequence[int]], linear_layers: Mapping[str, Sequence[int]],

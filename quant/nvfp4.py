@@ -15,12 +15,19 @@ independent pure-torch implementation of that algorithm (``../shared/reference/c
 4. two codes per byte, element ``2j`` in the **high** nibble;
 5. block scales stored in the cuBLAS 128x4 swizzled layout, zero padded.
 
-Every step is an exactly-rounded IEEE operation (division, e4m3 cast, floor/ceil, table lookup), so the result is
-byte-identical on CPU and CUDA.  ``backend="auto"`` therefore means this torch implementation: it is the same on every
-device, is ~3-5x faster than comfy-kitchen's eager code on CPU, and -- unlike comfy-kitchen's CUDA backend, which
-multiplies by a reciprocal and differs from eager in ~0.05 % of codes -- always equals the eager reference.
-``backend="kitchen"`` calls comfy-kitchen's *eager* implementation explicitly (never its CUDA kernel); it exists as a
-cross-check and gives the same bytes.
+Every step is an exactly-rounded IEEE operation (true division, e4m3 cast, floor/ceil, table lookup), so the result
+is byte-identical on CPU and CUDA (checked on an H100 up to 5120x13824, fp32/fp16/bf16).  Two CUDA traps are avoided
+on purpose: CUDA torch turns ``tensor / python_scalar`` into a multiply by the reciprocal (for fp32 quotients
+``x/6`` and ``x/2688`` that differs from the true quotient in ~25-33 % of values, by one ulp), so the per-tensor scale
+is computed on the CPU and the ``/ 6`` divides by a device tensor.  comfy-kitchen's eager code run *on a GPU* has that
+reciprocal in ``amax / 6`` and in the scale, so on rare inputs (fp32 weights mostly) it can differ from eager on CPU,
+the byte reference; ours never does.
+
+``backend="auto"`` therefore means this torch implementation: it is the same on every device, is ~3x faster than
+comfy-kitchen's eager code on CPU, and -- unlike comfy-kitchen's CUDA backend, which multiplies by a reciprocal and
+differs from eager in ~0.05 % of codes -- always equals the eager reference.  ``backend="kitchen"`` calls
+comfy-kitchen's *eager* implementation explicitly (never its CUDA kernel) on our per-tensor scale; it exists as a
+cross-check and gives the same bytes on CPU.
 
 Deliberate differences from ComfyUI (both are cases where ComfyUI produces a broken layer):
 
@@ -63,6 +70,8 @@ DEFAULT_TEMP_BYTES = 256 * 2**20
 # Peak temporaries of the torch backend, bytes per (padded) element of a chunk: three fp32 scratch buffers (12; the
 # int32 index and the codes live in them), plus the zero-padded copy of the input chunk when padding is needed (<= 4).
 _TEMP_BYTES_PER_ELEMENT = 16
+# comfy-kitchen's eager quantize: ~27 B/element of live temporaries (reference §6.1), ~2x that in peak RSS measured.
+_KITCHEN_TEMP_BYTES_PER_ELEMENT = 64
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BACKENDS = ("auto", "torch", "kitchen")
 
@@ -103,9 +112,10 @@ def _build_code_lut() -> torch.Tensor:
     """Table from the lookup index of :func:`_encode_e2m1_into` to the 4-bit code.
 
     With ``m = min(|v| * 4, 24)`` every rounding threshold of E2M1 (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5) is an integer
-    ``m``, and the rounding is constant on each open interval between two integers.  ``w = m + ceil(m)`` is ``2k`` for
-    ``m == k`` and lies in ``(2k+1, 2k+2)`` for ``k < m < k+1``, so ``trunc(w)`` (0..48) tells exact thresholds from
-    the intervals; adding 50 for a set sign bit (``-0.0`` included) gives the index 0..98.
+    ``m``, and the rounding is constant on each open interval between two integers.  ``j = floor(m) + ceil(m)`` is
+    ``2k`` for ``m == k`` and ``2k+1`` for ``k < m < k+1`` (0..48, computed exactly: both terms are small integers;
+    note that ``m + ceil(m)`` would NOT be exact), so it tells exact thresholds from the intervals; adding 50 for a set
+    sign bit (``-0.0`` included) gives the index 0..98.
     """
     lut = torch.zeros(99, dtype=torch.uint8)
     for j in range(49):
@@ -140,18 +150,18 @@ def _encode_e2m1_into(v4: torch.Tensor, a: torch.Tensor, f: torch.Tensor, codes:
     ``codes`` (uint8, ``v4.numel()`` elements), saturating at +-6 and keeping the sign of zero.
 
     ``a`` and ``f`` are fp32 scratch buffers of v4's shape; ``v4`` is read until its sign has been taken and may share
-    storage with ``codes``.  Only exact operations are used (abs, clamp, ceil, small-integer adds, truncation, table
-    lookup), so the result is the same on every device.
+    storage with ``codes``.  Only exact operations are used (abs, clamp, floor/ceil, small-integer adds, conversion of
+    small integers, table lookup), so the result is the same on every device.
     """
     torch.abs(v4, out=a)
     a.clamp_(max=24.0)  # |v| > 6 saturates exactly like clamp(+-6) first
-    torch.ceil(a, out=f)
-    a.add_(f)  # w = m + ceil(m): 2k at m == k, inside (2k+1, 2k+2) for k < m < k+1
+    torch.floor(a, out=f)
+    a.ceil_().add_(f)  # j = floor(m) + ceil(m): 2k at m == k, 2k+1 for k < m < k+1 (exact small integers)
     sign = f.view(-1).view(torch.bool)[: a.numel()].view(a.shape)  # f is free again
     torch.signbit(v4, out=sign)
     a.add_(sign, alpha=50.0)
     idx = f.view(torch.int32)
-    idx.copy_(a)  # truncation toward zero of a non-negative value = floor
+    idx.copy_(a)  # a holds exact small integers
     torch.index_select(_device_lut("code", v4.device), 0, idx.view(-1), out=codes.view(-1))
 
 
@@ -184,10 +194,9 @@ def _count_nonfinite(x: torch.Tensor, rows_per_step: int = 4096) -> int:
     return int(sum(int((~torch.isfinite(flat[i : i + step])).sum()) for i in range(0, flat.numel(), step)))
 
 
-def _check_finite(x: torch.Tensor, name: str, amax: torch.Tensor | None = None) -> torch.Tensor:
+def _check_finite(x: torch.Tensor, name: str) -> torch.Tensor:
     """Raise NonFiniteTensorError naming `name` if x holds NaN/Inf; returns amax(|x|) (0-dim, x's dtype)."""
-    if amax is None:
-        amax = _amax(x)
+    amax = _amax(x)
     if not bool(torch.isfinite(amax)):
         bad = _count_nonfinite(x)
         raise NonFiniteTensorError(
@@ -198,17 +207,25 @@ def _check_finite(x: torch.Tensor, name: str, amax: torch.Tensor | None = None) 
 
 
 def _scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    """ComfyUI rule ``amax / 2688`` in the input dtype, then fp32; with our two documented exceptions."""
+    """ComfyUI rule ``amax / 2688`` in the input dtype, then fp32; with our two documented exceptions.
+
+    The 0-dim division runs on the CPU whatever x's device: on CUDA, torch divides by a Python scalar as a multiply by
+    its reciprocal, which can differ from the true quotient by one ulp of x's dtype; the CPU computes the true quotient
+    (what ComfyUI gets on CPU, our byte reference).
+    """
+    device = amax.device
+    amax = amax.cpu()
     if float(amax) == 0.0:
-        return torch.ones((), dtype=torch.float32, device=amax.device)
-    s = (amax / NVFP4_SCALE_DENOM).to(torch.float32)
-    if float(s) == 0.0:
-        # The quotient underflowed in the input dtype (fp16 with amax < ~8e-5). ComfyUI would store s = 0 and silently
-        # zero the layer; compute it in fp32 instead.
-        s = amax.to(torch.float32) / NVFP4_SCALE_DENOM
-        if float(s) == 0.0:  # amax below ~3.8e-42: nothing representable is left; quantize as zeros
-            s = torch.ones((), dtype=torch.float32, device=amax.device)
-    return s
+        s = torch.ones((), dtype=torch.float32)
+    else:
+        s = (amax / NVFP4_SCALE_DENOM).to(torch.float32)
+        if float(s) == 0.0:
+            # The quotient underflowed in the input dtype (fp16 with amax < ~8e-5). ComfyUI would store s = 0 and
+            # silently zero the layer; compute it in fp32 instead.
+            s = amax.to(torch.float32) / NVFP4_SCALE_DENOM
+            if float(s) == 0.0:  # amax below ~3.8e-42: nothing representable is left; quantize as zeros
+                s = torch.ones((), dtype=torch.float32)
+    return s.to(device)
 
 
 @torch.no_grad()
@@ -250,7 +267,8 @@ def _byte_view(t: torch.Tensor) -> torch.Tensor:
 
 
 def to_blocked(scales: torch.Tensor) -> torch.Tensor:
-    """Swizzle a plain ``[R, C]`` block-scale matrix into cuBLAS's 128x4-tile layout, 2-D ``[roundup(R,128), roundup(C,4)]``.
+    """Swizzle a plain ``[R, C]`` block-scale matrix into cuBLAS's 128x4-tile layout: 2-D
+    ``[roundup(R,128), roundup(C,4)]``.
 
     Zero-padded; tiles of 128 rows x 4 columns are contiguous 512-byte chunks in row-major tile order, and inside a tile
     row ``r`` / column ``c`` sits at ``(r % 32) * 16 + (r // 32) * 4 + c``.  Overall byte offset of (r, c), with
@@ -287,8 +305,8 @@ def from_blocked(blocked: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _default_chunk_rows(cols16: int) -> int:
-    rows = DEFAULT_TEMP_BYTES // (max(cols16, 16) * _TEMP_BYTES_PER_ELEMENT)
+def _default_chunk_rows(cols16: int, bytes_per_element: int = _TEMP_BYTES_PER_ELEMENT) -> int:
+    rows = DEFAULT_TEMP_BYTES // (max(cols16, 16) * bytes_per_element)
     return max(16, rows // 16 * 16)
 
 
@@ -324,10 +342,16 @@ def _quantize_chunk_torch(
     nb = cols // NVFP4_BLOCK
     shape = (rows, nb, NVFP4_BLOCK)
     v, a, f = ws.get(shape)
-    v.copy_(xc.view(shape))  # exact upcast to fp32
-    torch.abs(v, out=a)
+    if xc.dtype == torch.float32:
+        xf = xc.view(shape)
+    else:
+        xf = v
+        v.copy_(xc.view(shape))  # exact upcast to fp32
+    torch.abs(xf, out=a)
     amax_blk = a.amax(dim=-1)  # exact: same value as the amax in the input dtype
-    d = amax_blk / F4_E2M1_MAX  # two fp32 divisions, exactly as eager does
+    # Two true fp32 divisions, exactly as eager does on CPU.  The 6 is a tensor on x's device because CUDA torch turns
+    # a division by a Python scalar into a multiply by its (inexact) reciprocal.
+    d = amax_blk / torch.full((), F4_E2M1_MAX, dtype=torch.float32, device=amax_blk.device)
     d = d / s
     d.clamp_(max=F8_E4M3_MAX)
     d8 = d.to(torch.float8_e4m3fn)
@@ -341,9 +365,9 @@ def _quantize_chunk_torch(
     # encode to (signed) zero either way.  Otherwise multiply by 4 after the division.
     t4 = t * 0.25
     if torch.equal(t4 * 4.0, t):
-        v.div_(t4.unsqueeze(-1))
+        torch.div(xf, t4.unsqueeze(-1), out=v)
     else:
-        v.div_(t.unsqueeze(-1)).mul_(4.0)
+        torch.div(xf, t.unsqueeze(-1), out=v).mul_(4.0)
     codes = v.view(-1).view(torch.uint8)[: rows * cols].view(shape)  # v's storage is free once encoded
     _encode_e2m1_into(v, a, f, codes)
     if bool(zero.any()):
@@ -407,7 +431,11 @@ def quantize(
     s = _scale_from_amax(amax) if tensor_scale is None else _as_scale(tensor_scale, x.device, "tensor_scale")
 
     r16, c16 = _roundup(rows, 16), _roundup(cols, 16)
-    step = int(chunk_rows) if chunk_rows is not None else _default_chunk_rows(c16)
+    if chunk_rows is not None:
+        step = int(chunk_rows)
+    else:
+        per_element = _KITCHEN_TEMP_BYTES_PER_ELEMENT if backend == "kitchen" else _TEMP_BYTES_PER_ELEMENT
+        step = _default_chunk_rows(c16, per_element)
     qdata = torch.empty((r16, c16 // 2), dtype=torch.uint8, device=x.device)
     plain = torch.empty((r16, c16 // NVFP4_BLOCK), dtype=torch.float8_e4m3fn, device=x.device)
     impl = _kitchen_eager_quantize() if backend == "kitchen" else None

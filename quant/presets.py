@@ -14,18 +14,23 @@ File format (every key required, no others)::
 A pattern is matched with `re.fullmatch` against the bare layer name (checkpoint key without `.weight`, without the
 `model.diffusion_model.` prefix). A pattern may match nothing in a given variant (one file serves all Wan variants).
 
-Meaning of the lists (the plan engine, `quant/rules.py`, applies them; suggested precedence, highest first):
+Meaning of the lists (the plan engine, `quant/rules.py`, applies them in this order, first hit wins):
 
 1. `never_quantize`: layers ComfyUI's model detection reads the in- or out-dimension of (NVFP4 packs two values per
    byte in the in-dim and pads the out-dim to 16, so the detected config changes and the file no longer loads), and
    2-D weights that are not `Linear` modules (Embeddings, raw Parameters, custom `EqualLinear`) which ComfyUI's
-   mixed-precision ops cannot load quantized. Nothing overrides these, not even mode "all".
-2. `keep_fp32`: stay in fp32 when the source is fp32.
-3. `keep`: stay in the source precision (embeddings, in/out projections, modulation, norms, time/text embedders).
+   mixed-precision ops cannot load quantized. Always kept; nothing overrides these, not even mode "all". (They are
+   not repeated in `keep`.)
+2. `keep_fp32`: kept in fp32 when the source is fp32 (never up-cast).
+3. `keep`: kept in the source precision (embeddings, in/out projections, modulation, norms, time/text embedders).
 4. the first `keep_first_blocks` and last `keep_last_blocks` blocks of every block group
-   (`Architecture.block_groups`) stay in the source precision.
-5. `fp8`: FP8 E4M3 instead of NVFP4.  6. `w4a16`: NVFP4 weights with full-precision activations.
-7. everything else: NVFP4.
+   (`Architecture.block_groups`, located with `architecture.block_of`) are kept.
+5. `fp8`: FP8 E4M3 rather than NVFP4 — when the user allows FP8 (`fp8_instead_of_keep`, the original `--use-fp8`);
+   otherwise kept.
+6. everything else: NVFP4; `w4a16` patterns turn those into NVFP4 W4A16.
+
+Rules may name non-Linear tensors (convs, modulation Parameters, norms) for documentation: the planner only plans
+2-D Linear weights and ignores the rest.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ Precedence (later steps override earlier ones; step 1 cannot be overridden)
 5. ``min_ffn_fp8``: nvfp4 FFN up/down -> fp8 (explicit, so no ``fp8_instead_of_keep`` needed);
    then ``min_ffn2_keep``: nvfp4/fp8 FFN down -> keep.
 6. ``exclude`` regexes -> keep.
-7. ``include`` regexes -> nvfp4 (so include beats exclude, as in the original converter).
+7. ``include`` regexes -> nvfp4 (so include beats exclude, as in the original converter, and also the GGUF base,
+   which the original let override ``-i``/``-x``).
 8. ``fp8`` regexes -> fp8.
    8b. ``keep_high_variance`` (the original's ``--input-scale-summary-fp16-std``): quantized layers whose calibrated
        per-call scale has std >= ``variance_std_threshold`` (default: 90th percentile of the positive stds) or
@@ -268,24 +269,31 @@ def _resolve_arch_and_preset(ckpt: Any, options: PlanOptions, arch: Any, preset:
     if arch is None:
         from .architecture import detect_architecture
         arch = detect_architecture({n: tuple(ckpt.info(n).shape) for n in ckpt.names()})
+    if getattr(arch, "naming", "comfyui") == "diffusers":
+        raise PlanError(f"this checkpoint uses diffusers key names ({getattr(arch, 'variant', '?')}); ComfyUI loads "
+                        f"quantized models only under its own names. Use the ComfyUI-format release as the source")
     if preset is None:
+        from .presets import load_preset, preset_for, preset_names
+        names = list(preset_names())
         if options.preset == "none":
             preset = _NoPreset()
         elif options.preset == "auto":
-            from .presets import load_preset, preset_for
+            wanted = getattr(arch, "preset", None)
+            if wanted not in names:
+                raise PlanError(f"no preset for this architecture ({getattr(arch, 'family', '?')}, "
+                                f"{getattr(arch, 'variant', '?')}); pass --preset NAME ({', '.join(names)}), or "
+                                f"--preset none to decide every Linear layer with your own rules")
             preset = preset_for(arch)
             if isinstance(preset, str):
                 preset = load_preset(preset)
-        else:
-            from .presets import load_preset, preset_names
-            names = list(preset_names())
-            if options.preset not in names:
-                from .layer_lists import suggest
-                close = suggest(options.preset, names, n=1)
-                raise PlanError(f"preset {options.preset!r} is unknown"
-                                f"{' (did you mean ' + repr(close[0]) + '?)' if close else ''}; "
-                                f"available: {', '.join(names)}, none")
+        elif options.preset in names or str(options.preset).endswith(".json"):
             preset = load_preset(options.preset)
+        else:
+            from .layer_lists import suggest
+            close = suggest(options.preset, names, n=1)
+            raise PlanError(f"preset {options.preset!r} is unknown"
+                            f"{' (did you mean ' + repr(close[0]) + '?)' if close else ''}; "
+                            f"available: {', '.join(names)}, none, or the path of a preset .json file")
     return arch, preset
 
 
@@ -562,7 +570,7 @@ def build_plan(ckpt: Any, options: PlanOptions, *, arch: Any = None, preset: Any
 
     plan.report["input_bytes"] = source_bytes(ckpt)
     plan.report["output_bytes"] = plan.estimated_bytes(ckpt)
-    if not plan.report["warnings"]:
+    if not plan.report.get("warnings", True):
         del plan.report["warnings"]
     return plan
 

@@ -409,9 +409,10 @@ def _nextdit_block(sd: Shapes, p: str, dim: int, qkv: int, ffn: int, head: int, 
 def lumina2(variant: str = "z-image", *, n_layers: int | None = None) -> Shapes:
     """Z-Image (dim 3840, 30 layers, Qwen3 2560 captions) or Lumina Image 2.0 (dim 2304, 26 layers, Gemma2 2304)."""
     if variant == "z-image":
-        dim, cap, n_layers, qkv, ffn, head, ada, t_out = 3840, 2560, n_layers or 30, 3 * 3840, 10240, 128, ("0", 256), 256
+        dim, cap, layers, qkv, ffn, head, ada, t_out = 3840, 2560, 30, 3 * 3840, 10240, 128, ("0", 256), 256
     else:
-        dim, cap, n_layers, qkv, ffn, head, ada, t_out = 2304, 2304, n_layers or 26, 3840, 9216, 96, ("1", 1024), 1024
+        dim, cap, layers, qkv, ffn, head, ada, t_out = 2304, 2304, 26, 3840, 9216, 96, ("1", 1024), 1024
+    n_layers = n_layers or layers
     sd: Shapes = {}
     if variant == "z-image":
         sd["x_pad_token"] = (1, dim)
@@ -768,7 +769,8 @@ _HY = dict(image_model="hunyuan_video", in_channels=16, patch_size=[1, 2, 2], ou
            depth=20, depth_single_blocks=40, theta=256, qkv_bias=True, byt5=False, guidance_embed=True,
            use_cond_type_embedding=False, vision_in_dim=None, meanflow_sum=False)
 _SD3 = dict(in_channels=16, patch_size=2, out_channels=16, depth=24, input_size=None, adm_in_channels=2048,
-            context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 1536}},
+            context_embedder_config={"target": "torch.nn.Linear",
+                                     "params": {"in_features": 4096, "out_features": 1536}},
             num_patches=36864, pos_embed_max_size=192, pos_embed_scaling_factor=None, x_block_self_attn_layers=[])
 
 _W = {"blocks": 40}

@@ -27,14 +27,6 @@ except ImportError:  # tests/ is not a package
 CASE_IDS = [c.name for c in mk.CASES]
 
 
-@pytest.fixture(scope="module")
-def comfy():
-    try:
-        return mk.comfy()
-    except mk.ComfyUnavailable as exc:
-        pytest.skip(str(exc))
-
-
 @pytest.mark.parametrize("case", mk.CASES, ids=CASE_IDS)
 def test_detects_every_family_and_variant(case: mk.Case) -> None:
     arch = detect_architecture(case.build())
@@ -73,15 +65,16 @@ def test_wan_variant_switches_follow_comfyui() -> None:
     ti2v = dict(base, **{"head.head.weight": (192, 256)})
     assert detect_architecture(ti2v).variant == "wan2.2-ti2v-5b"
     assert detect_architecture(ti2v).details["out_dim"] == 48
-    assert detect_architecture(dict(base, **{"casual_audio_encoder.encoder.final_linear.weight": (256, 256)})).variant == "wan-s2v"
-    assert detect_architecture(dict(base, **{"audio_proj.audio_proj_glob_1.layer.bias": (512,)})).variant == "wan-humo"
-    assert detect_architecture(dict(base, **{"face_adapter.fuser_blocks.0.k_norm.weight": (128,)})).variant == "wan-animate"
+    for key, shape, variant in (("casual_audio_encoder.encoder.final_linear.weight", (256, 256), "wan-s2v"),
+                                ("audio_proj.audio_proj_glob_1.layer.bias", (512,), "wan-humo"),
+                                ("face_adapter.fuser_blocks.0.k_norm.weight", (128,), "wan-animate")):
+        assert detect_architecture({**base, key: shape}).variant == variant
     camera = dict(base, **{"control_adapter.conv.weight": (256, 1536, 2, 2)})
     assert detect_architecture(camera).variant == "wan-camera"
     assert detect_architecture(camera).details["model_type"] == "camera_2.2"
     assert detect_architecture(dict(camera, **{"img_emb.proj.0.bias": (1280,)})).details["model_type"] == "camera"
-    vace = dict(base, **{"vace_patch_embedding.weight": (256, 96, 1, 2, 2), "vace_blocks.0.after_proj.weight": (256, 256),
-                         "vace_blocks.4.after_proj.weight": (256, 256)})
+    vace = {**base, "vace_patch_embedding.weight": (256, 96, 1, 2, 2), "vace_blocks.0.after_proj.weight": (256, 256),
+            "vace_blocks.4.after_proj.weight": (256, 256)}
     arch = detect_architecture(vace)
     assert arch.variant == "wan-vace" and arch.block_groups == {"blocks": 3, "vace_blocks": 5}
 

@@ -205,3 +205,26 @@ def test_percentile_parser():
         legacy.parse_percentiles("101")
     with pytest.raises(ValueError):
         legacy.parse_percentiles("abc")
+
+
+def test_plots_with_steps(tmp_path, capsys, log_xz):
+    from nvfp4_lab.calibration import plots
+    from nvfp4_lab.quant.errors import CalibrationError
+
+    store_path = tmp_path / "steps.json"
+    assert run(["import", log_xz, "-o", store_path, "--steps", "8"], capsys)[0] == 0
+    store = CalibrationStore.load(store_path)
+    assert sorted(s for s in store.layers["blocks.0.ffn.0"].steps()) == list(range(8))
+    top = plots.most_variable_layers(store, 2)
+    assert len(top) == 2 and top[0][1] >= top[1][1]
+    png = plots.amax_vs_step(store, top_n=2)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    rc, _, err = run(["summarize", store_path, "-o", tmp_path / "s.json", "--plots", tmp_path / "p"], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "p" / "amax_vs_step.png").exists() and (tmp_path / "p" / "scale_cv_ranking.png").exists()
+    assert plots.ranking_bar([], [], title="t", xlabel="x")[:4] == b"\x89PNG"
+    assert plots.ranking_bar(["a", "b"], [1.0, float("nan")], title="t", xlabel="x")[:4] == b"\x89PNG"
+    no_steps = CalibrationStore()
+    no_steps.record("L", [1.0, 2.0])
+    with pytest.raises(CalibrationError, match="per-step"):
+        plots.amax_vs_step(no_steps)

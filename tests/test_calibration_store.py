@@ -392,6 +392,33 @@ def test_layerstats_from_json_rejects_garbage():
     good = LayerStats()
     good.add([1.0, 2.0], step=1)
     d = good.to_json()
-    d["buckets"][0]["step"] = "one"
+    d["buckets"]["step"][0] = "one"
     with pytest.raises(TypeError):
         LayerStats.from_json(d)
+
+
+def test_queued_records_fold_like_direct_adds(monkeypatch):
+    # the store queues record()/record_cond() and folds them per layer in one grouped pass; the result must be
+    # what LayerStats.add / add_chunk give call by call
+    import nvfp4_lab.calibration.store as store_mod
+
+    rng = np.random.default_rng(9)
+    calls = [(f"L{i % 3}", rng.lognormal(0, 0.5, int(rng.integers(1, 40))), int(rng.integers(0, 8)),
+              [None, "cond"][i % 2]) for i in range(300)]
+    direct: dict[str, LayerStats] = {}
+    for name, v, step, cond in calls:
+        direct.setdefault(name, LayerStats()).add(v, step, cond, fmt="nvfp4")
+        direct[name].add_chunk(v * 0.5, step, "uncond")
+    monkeypatch.setattr(store_mod, "PENDING_FOLD_VALUES", 500)   # force several intermediate folds
+    s = CalibrationStore()
+    for name, v, step, cond in calls:
+        s.record(name, v, step=step, cond=cond, fmt="nvfp4")
+        s.record_cond(name, v * 0.5, step=step, cond="uncond")
+    assert s.dirty
+    for name, st in direct.items():
+        assert s.layers[name].same_as(st), name
+    assert s.layers["L0"].chunk_buckets and s.layers["L0"].steps(cond="uncond")
+    with pytest.raises(ValueError, match="negative"):
+        s.record("L0", [-1.0])
+    with pytest.raises(TypeError):
+        s.record("L0", [1.0], cond=3)

@@ -7,10 +7,6 @@ eager ``quantize_per_tensor_fp8`` with the scale restated from ComfyUI's rule, a
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -180,26 +176,39 @@ def test_accuracy_yardstick():
     assert rel < 0.04
 
 
-def _comfy_quant_ops():
-    root = Path(os.environ.get("COMFYUI_PATH", "~/ComfyUI")).expanduser()
-    if not (root / "comfy" / "quant_ops.py").is_file():
-        pytest.skip(f"ComfyUI not found at {root} (set COMFYUI_PATH to a ComfyUI 0.29 checkout)")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from comfy.cli_args import args
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fdt", FP8, ids=FP8_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cuda_bytes_equal_cpu_bytes(dtype, fdt):
+    for kind in KINDS:
+        x = make_data(kind, (257, 300), dtype, seed=3)
+        q, s = fp8.quantize_fp8(x, fdt)
+        qc, sc = fp8.quantize_fp8(x.cuda(), fdt)
+        assert torch.equal(q.view(torch.uint8), qc.view(torch.uint8).cpu())
+        assert s.view(torch.int32).item() == sc.cpu().view(torch.int32).item()
+        for out in DTYPES:
+            assert torch.equal(bits(fp8.dequantize_fp8(q, s, out)), bits(fp8.dequantize_fp8(qc, sc, out).cpu()))
+    g = torch.Generator().manual_seed(43)
+    for a in (torch.rand(300, generator=g) * 50 + 1e-3).to(dtype):  # scale = amax/max must not depend on device
+        x = torch.full((2, 2), float(a), dtype=dtype)
+        on_cuda = fp8.weight_scale(x.cuda(), fdt).cpu()
+        assert fp8.weight_scale(x, fdt).view(torch.int32).item() == on_cuda.view(torch.int32).item()
 
-    args.cpu = True
-    import comfy.quant_ops as quant_ops
 
-    return quant_ops
+@pytest.fixture
+def quant_ops(comfy_env):
+    """ComfyUI's comfy.quant_ops, imported in-process on the CPU (conftest's comfy_env; skips if absent)."""
+    import comfy.quant_ops
+
+    return comfy.quant_ops
 
 
 @pytest.mark.comfyui
 @pytest.mark.parametrize("fdt", FP8, ids=FP8_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_matches_comfyui_layout(kind, dtype, fdt):
-    qo = _comfy_quant_ops()
+def test_matches_comfyui_layout(kind, dtype, fdt, quant_ops):
+    qo = quant_ops
     layout = qo.TensorCoreFP8E4M3Layout if fdt == torch.float8_e4m3fn else qo.TensorCoreFP8E5M2Layout
     x = make_data(kind, (100, 72), dtype, seed=5)
     qdata, params = layout.quantize(x, scale="recalculate")
@@ -212,9 +221,9 @@ def test_matches_comfyui_layout(kind, dtype, fdt):
 
 
 @pytest.mark.comfyui
-def test_comfyui_all_zero_is_nan_for_bf16():
+def test_comfyui_all_zero_is_nan_for_bf16(quant_ops):
     """The documented deviation, observed in ComfyUI itself."""
-    qo = _comfy_quant_ops()
+    qo = quant_ops
     x = torch.zeros(8, 8, dtype=torch.bfloat16)
     qdata, params = qo.TensorCoreFP8E4M3Layout.quantize(x, scale="recalculate")
     assert params.scale.item() == 0.0

@@ -6,10 +6,6 @@ per-tensor scale computed the way ComfyUI computes it (``amax(|x|)/2688`` in x's
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -159,7 +155,8 @@ def test_encoder_exhaustive_against_kitchen_bit_trick():
     rnd = rnd.view(torch.float32)
     thr = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 0.0, 24.0])
     near = torch.cat([thr, torch.nextafter(thr, torch.tensor(100.0)), torch.nextafter(thr, torch.tensor(-100.0))])
-    v = torch.cat([all_bf16, rnd, near, -near, torch.linspace(-7, 7, 20001), torch.tensor([float("inf"), -float("inf")])])
+    infs = torch.tensor([float("inf"), -float("inf")])
+    v = torch.cat([all_bf16, rnd, near, -near, torch.linspace(-7, 7, 20001), infs])
     v = v[~torch.isnan(v)]
     ref = enc(v.clamp(-6, 6), 2, 1)
     ours = nvfp4._encode_e2m1(v)
@@ -475,25 +472,32 @@ def test_cuda_bytes_equal_cpu_bytes(dtype):
             assert torch.equal(bits(nvfp4.dequantize(a, out)), bits(nvfp4.dequantize(b, out).cpu()))
 
 
-def _comfy_quant_ops():
-    root = Path(os.environ.get("COMFYUI_PATH", "~/ComfyUI")).expanduser()
-    if not (root / "comfy" / "quant_ops.py").is_file():
-        pytest.skip(f"ComfyUI not found at {root} (set COMFYUI_PATH to a ComfyUI 0.29 checkout)")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from comfy.cli_args import args
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cuda_per_tensor_scale_equals_cpu(dtype):
+    """CUDA torch divides by a Python scalar via its reciprocal; our scale must not depend on the device."""
+    g = torch.Generator().manual_seed(41)
+    amaxes = (torch.rand(400, generator=g) * 20 + 1e-3).to(dtype)
+    for a in amaxes:
+        x = torch.zeros(1, 16, dtype=dtype)
+        x[0, 3] = a
+        assert bits(nvfp4.per_tensor_scale(x)).item() == bits(nvfp4.per_tensor_scale(x.cuda()).cpu()).item()
+        assert bits(nvfp4.per_tensor_scale(x)).item() == bits(comfy_scale(x)).item()
 
-    args.cpu = True
-    import comfy.quant_ops as quant_ops
 
-    return quant_ops
+@pytest.fixture
+def quant_ops(comfy_env):
+    """ComfyUI's comfy.quant_ops, imported in-process on the CPU (conftest's comfy_env; skips if absent)."""
+    import comfy.quant_ops
+
+    return comfy.quant_ops
 
 
 @pytest.mark.comfyui
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", [(100, 72), (257, 300), (128, 64)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_matches_comfyui_layout(shape, dtype):
-    qo = _comfy_quant_ops()
+def test_matches_comfyui_layout(shape, dtype, quant_ops):
+    qo = quant_ops
     x = make_data("outliers", shape, dtype, seed=31)
     qdata, params = qo.TensorCoreNVFP4Layout.quantize(x)
     q = nvfp4.quantize(x)

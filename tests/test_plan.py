@@ -236,3 +236,28 @@ def test_cli_plan_dry_run_json_and_errors(tiny_wan_file, tmp_path, capsys):
     assert cli_main(["plan", str(tiny_wan_file), "-n", "-x", "zzz"]) == 1
     assert "error: exclude regex /zzz/ matches no Linear layer" in capsys.readouterr().err
     assert cli_main(["plan", str(tiny_wan_file), "-n", "--mode", "safe"]) == 2
+
+
+def test_cli_recipe_with_original_flag_names(tiny_wan_file, tmp_path, capsys):
+    from plan_fakes import wan_q5_k_m_layout, write_gguf
+
+    with open_checkpoint(tiny_wan_file) as ck:
+        model = {n: (ck.info(n).shape, ck.info(n).dtype) for n in ck.names()}
+    gguf = write_gguf(tmp_path / "tiny-Q5_K_M.gguf", wan_q5_k_m_layout(model))
+    lst = tmp_path / "sensitive.txt"
+    lst.write_text("blocks.1.ffn.0blocks.2.self_attn.q\nblocks.1.cross_attn.norm_q")   # glued, non-Linear
+    out = tmp_path / "plan.json"
+    rc = cli_main(["plan", str(tiny_wan_file), "-o", str(out), "--gguf", str(gguf), "--gguf-nvfp4-max-bitdepth", "5",
+                   "--gguf-keep-edge-blocks-fp16", "--keep-first", "1", "--keep-last", "1", "--other-dtype", "float16",
+                   "--input-scale-value", "0.002", "--full-precision-mm-layers", str(lst),
+                   "--full-precision-mm-cross-attn-qkvo"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "glued together" in captured.out and "not Linear layers" in captured.out
+    plan = Plan.load(out)
+    nv = plan.by_format(NV, W4)
+    assert {int(n.split(".")[1]) for n in nv} == {1, 2} and len(nv) == 14       # 2 blocks x 7 (Q5_K)
+    assert set(plan.by_format(W4)) == {f"blocks.{b}.cross_attn.{x}" for b in (1, 2) for x in "qko"} | {
+        "blocks.1.ffn.0", "blocks.2.self_attn.q"}
+    assert plan.layers["blocks.1.self_attn.v"].format == "fp16"                  # Q6_K, no --use-fp8
+    assert all(plan.layers[n].input_scale == 0.002 for n in nv)

@@ -63,14 +63,6 @@ def plan_counts(shapes: mk.Shapes) -> tuple[Architecture, dict[str, str]]:
     return arch, {layer: decide(layer, arch, preset) for layer in mk.linear_layers(shapes)}
 
 
-@pytest.fixture(scope="module")
-def comfy():
-    try:
-        return mk.comfy()
-    except mk.ComfyUnavailable as exc:
-        pytest.skip(str(exc))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # loading and validation
 
@@ -247,7 +239,7 @@ def test_no_nvfp4_outside_the_blocks_and_edges_kept(case: mk.Case) -> None:
     for layer, decision in plan.items():
         where = block_of(layer, arch)
         if where is None:
-            assert decision != "nvfp4", layer  # embeddings, in/out projections, adapters: never NVFP4 by default
+            assert decision != "nvfp4", layer  # embeddings, in/out projections, adapters: never W4A4 by default
             continue
         prefix, idx = where
         if idx < preset.keep_first_blocks or idx >= arch.block_groups[prefix] - preset.keep_last_blocks:
@@ -259,14 +251,14 @@ def test_expected_plans_for_main_models() -> None:
     # Wan 14B T2V: 10 Linears per block; blocks 1..38 NVFP4; blocks 0, 39 + 6 outside layers kept
     _, plan = plan_counts(mk.wan("t2v"))
     assert Counter(plan.values()) == {"nvfp4": 380, "edge": 19, "keep": 5, "never": 2}
-    # Qwen-Image: 14 Linears per block; blocks 2..57 quantized, their 2 modulation Linears FP8
+    # Qwen-Image: 14 Linears per block; blocks 2..57 quantized, their 2 modulation Linears W4A16
     _, plan = plan_counts(mk.qwen_image())
-    assert Counter(plan.values()) == {"nvfp4": 56 * 12, "fp8": 56 * 2, "edge": 4 * 14, "keep": 4, "never": 2}
-    assert plan["transformer_blocks.30.img_mod.1"] == "fp8"
+    assert Counter(plan.values()) == {"nvfp4": 56 * 12, "w4a16": 56 * 2, "edge": 4 * 14, "keep": 4, "never": 2}
+    assert plan["transformer_blocks.30.img_mod.1"] == "w4a16"
     assert plan["norm_out.linear"] == "keep" and plan["proj_out"] == "never" and plan["img_in"] == "never"
     # Flux dev: 10 Linears per double block (2 mods), 3 per single block (1 mod)
     _, plan = plan_counts(mk.flux("dev"))
-    assert Counter(plan.values()) == {"nvfp4": 17 * 8 + 36 * 2, "fp8": 17 * 2 + 36, "edge": 2 * 10 + 2 * 3,
+    assert Counter(plan.values()) == {"nvfp4": 17 * 8 + 36 * 2, "w4a16": 17 * 2 + 36, "edge": 2 * 10 + 2 * 3,
                                       "keep": 7, "never": 3}
 
 
@@ -294,6 +286,8 @@ def test_generic_preset_on_an_unknown_transformer() -> None:
     assert plan["stack.layers.4.attn.wqkv"] == "nvfp4"
     assert plan["stack.layers.4.attn2.to_v"] == "nvfp4"
     assert plan["stack.layers.4.adaLN.linear"] == "nvfp4"
+    shapes["stack.layers.4.img_mod.lin.weight"] = (6 * 1536, 1536)
+    assert plan_counts(shapes)[1]["stack.layers.4.img_mod.lin"] == "w4a16"  # modulation-named: W4A16
     preset = load_preset("generic")
     # the input-embedding heuristic, documented in the preset
     for name in ("x_embedder", "cap_embedder.1", "context_embedder", "label_emb.0.0", "time_embedding.0",

@@ -4,6 +4,7 @@ recipes, name validation, glued list lines, regexes that match nothing, and the 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -298,8 +299,31 @@ def test_option_validation(kw, msg):
 
 def test_unknown_preset_name_suggests():
     ck = FakeCheckpoint(wan_tensors(4))
-    with pytest.raises(PlanError, match="preset"):
+    with pytest.raises(PlanError, match="preset 'wann' is unknown \\(did you mean 'wan'\\?\\)"):
         build_plan(ck, PlanOptions(preset="wann"), arch=wan_arch(4), block_of=fake_block_of)
+
+
+def test_preset_from_a_json_file(tmp_path):
+    from nvfp4_lab.quant.presets import load_preset
+    data = load_preset("wan").to_dict()
+    data.update(name="mywan", keep_first_blocks=0, keep_last_blocks=3)
+    path = tmp_path / "mywan.json"
+    path.write_text(json.dumps(data))
+    p = build_plan(FakeCheckpoint(wan_tensors(8)), PlanOptions(preset=str(path)), arch=wan_arch(8),
+                   block_of=fake_block_of)
+    assert p.preset == "mywan" and fmt(p, "blocks.1.self_attn.q") == NV and fmt(p, "blocks.5.self_attn.q") == "fp32"
+
+
+def test_architecture_without_preset_or_with_diffusers_names():
+    from plan_fakes import FakeArch
+    ck = FakeCheckpoint(wan_tensors(4))
+    generic = FakeArch("mystery", "mystery-1", {"blocks": 4}, "mystery")   # a family without a preset file
+    with pytest.raises(PlanError, match="no preset for this architecture .*--preset none"):
+        build_plan(ck, PlanOptions(), arch=generic, block_of=fake_block_of)
+    assert build_plan(ck, PlanOptions(preset="none"), arch=generic, block_of=fake_block_of).counts() == {NV: 46}
+    diffusers = FakeArch("wan", "wan2.1-t2v", {"blocks": 4}, "wan", naming="diffusers")
+    with pytest.raises(PlanError, match="diffusers key names"):
+        build_plan(ck, PlanOptions(), arch=diffusers, block_of=fake_block_of)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI options
