@@ -52,7 +52,7 @@ from nvfp4_lab.quant.plan import LayerDecision, Plan
 from nvfp4_lab.quant.rules import PlanOptions, build_plan
 from nvfp4_lab.quant.tiny_models import save_tiny, tiny_wan
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)   # small matmuls: one thread avoids oversubscription on shared CPUs
 
 
 # ------------------------------------------------------------------------------------------------- WanLite (pure torch)

@@ -27,9 +27,17 @@ Error model
 
 Which layers are decided
     Only layers the base plan quantizes. Layers the base plan keeps (preset ``never_quantize``/keep rules, user
-    excludes, minimum size) stay exactly as they are. The candidate formats default to nvfp4 / fp8 / bf16;
-    ``nvfp4-w4a16`` can be allowed explicitly, but it costs the same bytes as W4A4 with less error, so it wins every
-    tie (it trades speed on Blackwell, which this error model does not see).
+    excludes, minimum size) stay exactly as they are; to let the planner decide every layer except the preset's
+    ``never_quantize`` ones, start from a ``mode="all"`` plan. The candidate formats default to nvfp4 / fp8 /
+    bf16 (bf16 = the plan's keep dtype). A layer the base plan put in ``nvfp4-w4a16`` stays in that family (its
+    NVFP4 candidate is W4A16). ``nvfp4-w4a16`` can be allowed for every layer, but it costs the same bytes as W4A4
+    with less error, so it wins every tie (it trades speed on Blackwell, which this error model does not see).
+    Static input scales: a layer with a static ``input_scale`` in the base plan is predicted with the static W4A4
+    error and keeps its scale; if it moves to FP8 it gets the same calibrated amax as ``amax/448`` when the plan's
+    options asked for FP8 input scales (``--fp8-input-scale``; without recorded options: when the report measured
+    ``fp8-static``), else none (ComfyUI then uses 1.0, and the ``fp8`` error measured with 1.0 is used).
+    A layer whose weight is not finite is kept; layers missing from the report keep their base decision (noted).
+    The result's ``report["budget"]`` holds the summary and a thinned trade-off curve (`curve_from_plan`).
 
 Solver
     Per layer, the lower convex hull of (bytes, error) over its candidates; all hull steps of all layers sorted by
@@ -315,8 +323,7 @@ def _default_keep(plan: Any) -> str:
 
 
 def _solve(base_plan: Any, report: SensitivityReport, budget: Budget, ckpt: Any, *, candidates: Sequence[str],
-           importance: str, keep_format: str | None, header_bytes: int | None, static_nvfp4: bool | None,
-           static_fp8: bool | None) -> _Solution:
+           importance: str, keep_format: str | None, header_bytes: int | None) -> _Solution:
     if importance not in IMPORTANCE_MODES:
         raise PlanError(f"importance {importance!r} is not one of {', '.join(IMPORTANCE_MODES)}")
     bad = [c for c in candidates if c not in (F.NVFP4, F.NVFP4_W4A16, F.FP8, F.BF16)]
@@ -353,7 +360,7 @@ def _solve(base_plan: Any, report: SensitivityReport, budget: Budget, ckpt: Any,
                                           f"(NVFP4/FP8 cannot store NaN/Inf)")
             continue
         opts = _options_for(base_plan, lname, dec, entry, candidates, keep_format, bias_info.get(lname),
-                            imp.get(lname, 1.0), static_nvfp4, static_fp8)
+                            imp.get(lname, 1.0))
         if not opts:
             notes.append(f"{lname}: no finite probe result for any candidate ({entry.status}); decision unchanged")
             continue
@@ -376,10 +383,6 @@ def _solve(base_plan: Any, report: SensitivityReport, budget: Budget, ckpt: Any,
         var_base += _layer_bytes(work, v.name, dec.format, dec.shape, dec.input_scale is not None,
                                  bi[0] if bi else None, bi[1] if bi else 0)
     fixed_bytes = base_total - var_base
-    # static scales assigned after this hook (rules step 11) may add 4 bytes to fixed quantized layers
-    if static_nvfp4 or static_fp8:
-        fixed_bytes += 4 * sum(1 for n, d in work.layers.items()
-                               if n not in var_names and d.quantized and d.input_scale is None)
     fixed_wbits = sum(8 * F.stored_weight_bytes(d.format, tuple(d.shape))
                       for n, d in work.layers.items() if n not in var_names)
     total_numel = sum(math.prod(d.shape) for d in base_plan.layers.values())
@@ -530,7 +533,7 @@ def plan_for_budget(base_plan: Any, report: SensitivityReport | str | Path, budg
         report = SensitivityReport.load(report)
     budget = parse_budget(budget)
     sol = _solve(base_plan, report, budget, ckpt, candidates=candidates, importance=importance,
-                 keep_format=keep_format, header_bytes=header_bytes, static_nvfp4=None, static_fp8=None)
+                 keep_format=keep_format, header_bytes=header_bytes)
     layers: dict[str, LayerDecision] = {}
     for lname, dec in base_plan.layers.items():
         if lname in sol.forced:
@@ -640,24 +643,16 @@ def _base_amax(dec: Any) -> float | None:
 
 
 def _options_for(plan: Any, lname: str, dec: Any, entry: Any, candidates: Sequence[str], keep_format: str,
-                 bias: tuple[str, int] | None, importance: float, static_nvfp4: bool | None,
-                 static_fp8: bool | None) -> list[_Option]:
-    """The layer's feasible options with bytes and predicted error.
-
-    `static_*` None (finished base plan): static exactly when the base decision has an input_scale, and the value
-    is carried over (same amax). True/False (rules hook, scales assigned later): static error variant, no value."""
+                 bias: tuple[str, int] | None, importance: float) -> list[_Option]:
+    """The layer's feasible options with bytes and predicted error (see "Static input scales" in the module doc)."""
     amax = _base_amax(dec)
     opts: list[_Option] = []
     bcode, bnumel = (bias if bias else (None, 0))
-    nv_static = (amax is not None) if static_nvfp4 is None else static_nvfp4
-    if static_fp8 is None:
-        # FP8 layers the planner creates get the layer's calibrated amax/448 as input_scale when the plan's options
-        # asked for FP8 input scales (--fp8-input-scale); without recorded options, when the report has fp8-static
-        wanted = ((plan.options or {}).get("input_scale") or {}).get("fp8") if isinstance(plan.options, dict) else None
-        f8_static = amax is not None and (bool(wanted) if wanted is not None
-                                          else entry.error(FP8_STATIC) is not None)
-    else:
-        f8_static = static_fp8
+    nv_static = amax is not None
+    # FP8 layers the planner creates get the layer's calibrated amax/448 as input_scale when the plan's options
+    # asked for FP8 input scales (--fp8-input-scale); without recorded options, when the report has fp8-static
+    wanted = ((plan.options or {}).get("input_scale") or {}).get("fp8") if isinstance(plan.options, dict) else None
+    f8_static = amax is not None and (bool(wanted) if wanted is not None else entry.error(FP8_STATIC) is not None)
     for cand in candidates:
         scale: float | None = None
         if cand == F.NVFP4 and dec.format == F.NVFP4_W4A16:
@@ -666,17 +661,17 @@ def _options_for(plan: Any, lname: str, dec: Any, entry: Any, candidates: Sequen
             fmt = F.NVFP4
             probe_name = NVFP4_STATIC if nv_static and entry.error(NVFP4_STATIC) is not None else F.NVFP4
             has_scale = nv_static
-            if static_nvfp4 is None and amax is not None:
+            if amax is not None:
                 scale = amax / F.NVFP4_SCALE_DENOM
         elif cand == F.FP8:
             fmt = F.FP8
             probe_name = FP8_STATIC if f8_static and entry.error(FP8_STATIC) is not None else F.FP8
             has_scale = f8_static         # without an fp8-static result the scale-1.0 error is used (pessimistic)
-            if static_fp8 is None and f8_static and amax is not None:
+            if f8_static and amax is not None:
                 scale = amax / F.F8_E4M3_MAX
         elif cand == F.NVFP4_W4A16:
             fmt, probe_name, has_scale = F.NVFP4_W4A16, F.NVFP4_W4A16, nv_static
-            if static_nvfp4 is None and amax is not None:
+            if amax is not None:
                 scale = amax / F.NVFP4_SCALE_DENOM
         else:
             fmt, probe_name, has_scale = keep_format, F.BF16, False

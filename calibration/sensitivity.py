@@ -539,6 +539,7 @@ def probe(ckpt_path: str | Path, samples: str | Path | Mapping[str, torch.Tensor
     - `store`: calibration store (path or `CalibrationStore`): static input scales (nvfp4-static, fp8-static) and
       the amax used to scale synthetic rows. `input_scales` (layer → amax/2688) overrides the store's choice.
     - `layers`: a regex (search) or a list of exact layer names.
+    - `device`: "cpu", "cuda[:N]" or "auto" (CUDA when present). Results agree across devices to float rounding.
     - Layers without recorded rows get synthetic rows (labelled per layer and in `report.inputs`).
     Memory: one layer's weight, its dequantized variants and at most `max_rows` input rows at a time."""
     from ..quant.checkpoint import open_checkpoint
@@ -546,6 +547,8 @@ def probe(ckpt_path: str | Path, samples: str | Path | Mapping[str, torch.Tensor
     for c in candidates:
         if c not in ALL_CANDIDATES:
             raise NVFP4Error(f"unknown probe candidate {c!r}; expected one of {', '.join(ALL_CANDIDATES)}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise NVFP4Error("--device cuda was asked but no CUDA device is available; use --device cpu")
     rows_by_layer, samples_name = _load_samples(samples)

@@ -75,13 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_import(sub)
     _add_scales(sub)
     for name in CALIB_EXTENSIONS:
-        try:
-            module = importlib.import_module(f".{name}", __package__)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.endswith(f".{name}"):
-                continue
-            raise
-        module.register_calib(sub)
+        importlib.import_module(f".{name}", __package__).register_calib(sub)
     for fn in _EXTRA_SUBCOMMANDS:
         fn(sub)
     from .common import add_debug_argument

@@ -184,6 +184,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--print", dest="print_table", action="store_true", help="print one row per layer with its reason")
     p.add_argument("--force", action="store_true", help="overwrite an existing plan file")
     add_plan_options(p)
+    p.add_argument("--budget-curve", metavar="PNG", help="with --budget: also write the size vs predicted-error "
+                   "trade-off curve as PNG (its points are in the plan's report.budget.curve)")
     p.set_defaults(func=run)
 
 
@@ -207,4 +209,10 @@ def run(args: argparse.Namespace) -> int:
     inputs = [args.source] + list(options.w4a16_files) + [x for x in (options.gguf,) if x]
     path = plan.save(args.output, force=args.force, inputs=inputs)
     eprint(f"saved plan: {path}")
+    if getattr(args, "budget_curve", None):
+        from ..calibration.budget import curve_from_plan
+        curve = curve_from_plan(plan)
+        if curve is None:
+            raise PlanError("--budget-curve needs --budget (and --sensitivity)")
+        eprint(f"saved trade-off curve: {curve.save_png(args.budget_curve, force=args.force)}")
     return 0

@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "for synthetic rows, and its samples sidecar when --samples is not given")
     p.add_argument("--samples", metavar="FILE", help="recorded input rows (<session>.samples.safetensors)")
     p.add_argument("--layers", metavar="RE", help="only layers whose name matches this regex (searched)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when present)")
     p.add_argument("--max-rows", type=int, default=512, metavar="N",
                    help="input rows used per layer (evenly subsampled; default 512)")
     p.add_argument("--candidates", metavar="LIST",

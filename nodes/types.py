@@ -40,7 +40,6 @@ Sensitivity = io.Custom("NVFP4_SENSITIVITY")
 Calibration = io.Custom("NVFP4_CALIBRATION")
 
 CATEGORY = "NVFP4"
-CALIBRATION_SUBDIR = "nvfp4_calibration"
 NONE = "none"
 _SHARD_RE = re.compile(r"-\d+-of-\d+\.safetensors$")
 
@@ -100,15 +99,12 @@ def _open(path: str | os.PathLike):
 
 
 def source_from_model(model: Any) -> ModelSource:
-    """The file a MODEL was loaded from (`ModelPatcher.cached_patcher_init`, set by UNETLoader, the checkpoint
-    loaders and Load Model (NVFP4)). NVFP4Error when the MODEL has no file behind it."""
-    init = getattr(model, "cached_patcher_init", None)
-    path = None
-    if isinstance(init, tuple) and len(init) >= 2 and isinstance(init[1], (tuple, list)) and init[1]:
-        first = init[1][0]
-        if isinstance(first, (str, os.PathLike)):
-            path = first
-    if path is None or not Path(path).exists():
+    """The file a MODEL was loaded from (`comfy_glue.model_file`: UNETLoader, the checkpoint loaders and Load Model
+    (NVFP4) set it). NVFP4Error when the MODEL has no file behind it."""
+    from .comfy_glue import model_file
+
+    path = model_file(model)
+    if path is None:
         raise NVFP4Error("this MODEL does not say which file it was loaded from (no cached_patcher_init path); "
                          "connect the SOURCE output of Load Model (NVFP4) instead")
     return describe_source(path)
@@ -201,9 +197,9 @@ def list_gguf() -> list[str]:
 
 
 def calibration_dir() -> Path:
-    import folder_paths
+    from .comfy_glue import calibration_dir as glue_calibration_dir
 
-    return Path(folder_paths.get_output_directory()) / CALIBRATION_SUBDIR
+    return glue_calibration_dir()
 
 
 def list_sessions(with_none: bool = True) -> list[str]:

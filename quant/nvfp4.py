@@ -114,16 +114,16 @@ def _build_code_lut() -> torch.Tensor:
     With ``m = min(|v| * 4, 24)`` every rounding threshold of E2M1 (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5) is an integer
     ``m``, and the rounding is constant on each open interval between two integers.  ``j = floor(m) + ceil(m)`` is
     ``2k`` for ``m == k`` and ``2k+1`` for ``k < m < k+1`` (0..48, computed exactly: both terms are small integers;
-    note that ``m + ceil(m)`` would NOT be exact), so it tells exact thresholds from the intervals; adding 50 for a set
-    sign bit (``-0.0`` included) gives the index 0..98.
+    note that ``m + ceil(m)`` would NOT be exact), so it tells exact thresholds from the intervals.  The sign (``-0.0``
+    included) is attached with ``copysign(j + 1, v)``; ``+ 49`` gives the index 0..98 (49 itself is unused).
     """
     lut = torch.zeros(99, dtype=torch.uint8)
     for j in range(49):
         k, inside = divmod(j, 2)
         m = Fraction(k) if not inside else Fraction(2 * k + 1, 2)  # a representative of the class
         code = _e2m1_rne_code(m / 4)
-        lut[j] = code
-        lut[50 + j] = code | 8
+        lut[49 + (j + 1)] = code
+        lut[49 - (j + 1)] = code | 8
     return lut
 
 
@@ -157,9 +157,7 @@ def _encode_e2m1_into(v4: torch.Tensor, a: torch.Tensor, f: torch.Tensor, codes:
     a.clamp_(max=24.0)  # |v| > 6 saturates exactly like clamp(+-6) first
     torch.floor(a, out=f)
     a.ceil_().add_(f)  # j = floor(m) + ceil(m): 2k at m == k, 2k+1 for k < m < k+1 (exact small integers)
-    sign = f.view(-1).view(torch.bool)[: a.numel()].view(a.shape)  # f is free again
-    torch.signbit(v4, out=sign)
-    a.add_(sign, alpha=50.0)
+    a.add_(1.0).copysign_(v4).add_(49.0)  # sign of v, -0.0 included (cheaper than signbit + a bool add)
     idx = f.view(torch.int32)
     idx.copy_(a)  # a holds exact small integers
     torch.index_select(_device_lut("code", v4.device), 0, idx.view(-1), out=codes.view(-1))

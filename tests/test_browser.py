@@ -125,14 +125,15 @@ def dismiss_overlays(page: Page) -> None:
     """Close toasts and dialogs the frontend may show on start (they would cover the screenshot)."""
     page.js("""() => {
         document.querySelectorAll('.p-toast-close-button, .p-dialog-close-button').forEach(b => b.click());
+        document.querySelectorAll('.p-toast-message').forEach(t => t.remove());
     }""")
     page.page.keyboard.press("Escape")
 
 
 # ---- page helpers ---------------------------------------------------------------------------------------------------
 
-def load_workflow(page: Page, workflow: dict) -> None:
-    page.js("async (wf) => { await window.app.loadGraphData(wf, true, true, null); }", workflow)
+def load_workflow(page: Page, workflow: dict, name: str | None = None) -> None:
+    page.js("async ([wf, name]) => { await window.app.loadGraphData(wf, true, true, name); }", [workflow, name])
     page.wait("() => window.app.canvas.graph && window.app.canvas.graph._nodes.length > 0")
 
 
@@ -241,7 +242,7 @@ def test_frontend_loads_the_extension(app_page):
 def test_example_workflow_loads_in_the_frontend(app_page, server, name):
     workflow = json.loads((EXAMPLES / name).read_text(encoding="utf-8"))
     mark = len(app_page.errors)
-    load_workflow(app_page, workflow)
+    load_workflow(app_page, workflow, Path(name).stem)
     nodes = graph_nodes(app_page)
     assert len(nodes) == len(workflow["nodes"]), (len(nodes), len(workflow["nodes"]))
     missing = sorted({n["type"] for n in nodes if not n["registered"]})
@@ -251,11 +252,11 @@ def test_example_workflow_loads_in_the_frontend(app_page, server, name):
     unknown = sorted({n["type"] for n in nodes if n["type"] not in info and n["type"] not in frontend_only})
     assert not unknown, f"{name}: types the server does not register: {unknown}"
     # widget values survive the round trip through the node definitions (a renamed/removed widget would shift them)
-    saved = {n["id"]: n.get("widgets_values") for n in workflow["nodes"]}
+    saved = {str(n["id"]): n.get("widgets_values") for n in workflow["nodes"]}
     for n in nodes:
-        if saved.get(n["id"]) is not None:
-            assert n["widgets_values"] == saved[n["id"]], (name, n["id"], n["type"], n["widgets_values"],
-                                                           saved[n["id"]])
+        if saved.get(str(n["id"])) is not None:
+            assert n["widgets_values"] == saved[str(n["id"])], (name, n["id"], n["type"], n["widgets_values"],
+                                                           saved[str(n["id"])])
     links = app_page.js("() => { const l = window.app.canvas.graph.links; return l instanceof Map ? l.size : "
                         "Object.keys(l).length; }")
     assert links == len(workflow["links"]), (links, len(workflow["links"]))
@@ -268,9 +269,9 @@ def test_example_workflow_loads_in_the_frontend(app_page, server, name):
 
 def test_convert_example_renders_sortable_tables(app_page, server):
     workflow = json.loads((EXAMPLES / "convert_with_preset.json").read_text(encoding="utf-8"))
-    load_workflow(app_page, workflow)
+    load_workflow(app_page, workflow, "convert_with_preset")
     nodes = graph_nodes(app_page)
-    ours = {n["id"]: n["type"] for n in nodes if n["type"].startswith("NVFP4")}
+    ours = {str(n["id"]): n["type"] for n in nodes if n["type"].startswith("NVFP4")}
     assert {"NVFP4LoadModel", "NVFP4BuildPlan", "NVFP4SaveCheckpoint"} <= set(ours.values()), ours
     # a fresh output name: the shared server's models folder may already hold the example's file
     filename = f"nvfp4lab_browser_{uuid.uuid4().hex[:8]}"
@@ -295,7 +296,7 @@ def test_convert_example_renders_sortable_tables(app_page, server):
 
     shown = rendered_tables(app_page)
     for nid, payloads in expected.items():
-        assert nid in shown, f"node {nid} ({ours.get(int(nid))}) sent a table that was not rendered"
+        assert nid in shown, f"node {nid} ({ours.get(nid)}) sent a table that was not rendered"
         assert len(shown[nid]) == len(payloads)
         for view, payload in zip(shown[nid], payloads):
             assert view["title"] == payload["title"]
@@ -307,8 +308,11 @@ def test_convert_example_renders_sortable_tables(app_page, server):
                 want = min(payload["chart"]["top"], sum(isinstance(v, (int, float)) for v in values))
                 assert view["bars"] == want
 
+    fit_view(app_page)  # every node on screen (clicks need their elements inside the viewport)
+    save_screenshot(app_page, "browser_graph_raw.png")
+
     # sorting: the plan table by a numeric column, then by layer name
-    plan_id = next(nid for nid in expected if ours.get(int(nid)) == "NVFP4BuildPlan")
+    plan_id = next(nid for nid in expected if ours.get(nid) == "NVFP4BuildPlan")
     payload = expected[plan_id][0]
     col = next(i for i, (c, num) in enumerate(zip(payload["columns"], payload["numeric"]))
                if num and "bytes" not in c and len({r[i] for r in payload["rows"]}) > 1)
@@ -338,7 +342,7 @@ def test_convert_example_renders_sortable_tables(app_page, server):
     box.fill("")
     assert len(column_texts(app_page, plan_id, 0)) == len(payload["rows"])
     name_header.click()  # back to a descending order of names is fine; restore the initial look for the screenshot
-    app_page.js("""(id) => { const n = window.app.canvas.graph.getNodeById(Number(id));
+    app_page.js("""(id) => { const n = window.app.canvas.graph.getNodeById(id) ?? window.app.canvas.graph.getNodeById(Number(id));
                              window.NVFP4Lab.show(n, n.properties.nvfp4lab_table); }""", plan_id)
 
     errors = [e for e in app_page.errors_since(mark) if "nvfp4" in e.lower() or "pageerror" in e]

@@ -249,3 +249,26 @@ def test_build_plan_hook_on_tiny_wan(tmp_path):
         assert curve is not None and curve.chosen["bytes"] <= budget
         plan.save(tmp_path / "plan.json")
         json.loads((tmp_path / "plan.json").read_text())
+
+
+def test_cli_probe_then_plan_with_budget(tmp_path):
+    """`nvfp4 probe` → `nvfp4 plan --sensitivity --budget --budget-curve` on a tiny Wan."""
+    from nvfp4_lab.cli.main import main
+    from nvfp4_lab.quant.tiny_models import save_tiny, tiny_wan
+
+    sd, meta = tiny_wan(dim=128, ffn_dim=256, num_layers=3)
+    src = save_tiny(tmp_path / "wan.safetensors", sd, meta)
+    rep = tmp_path / "rep.json"
+    assert main(["probe", str(src), "-o", str(rep), "--device", "cpu", "--max-rows", "64",
+                 "--candidates", "nvfp4,fp8,bf16"]) == 0
+    out = tmp_path / "plan.json"
+    png = tmp_path / "curve.png"
+    assert main(["plan", str(src), "--sensitivity", str(rep), "--budget", "2.0MB", "-o", str(out),
+                 "--budget-curve", str(png)]) == 0
+    plan = Plan.load(out)
+    with open_checkpoint(src) as ck:
+        assert plan.estimated_bytes(ck) + B.header_allowance(plan, ck) <= 2_000_000
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert plan.report["budget"]["budget"] == "2.0MB"
+    assert main(["plan", str(src), "--sensitivity", str(rep), "--budget", "10KB", "-o",
+                 str(tmp_path / "p2.json")]) == 1                                         # infeasible: error line

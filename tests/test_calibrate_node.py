@@ -61,13 +61,16 @@ def bf16_file(model_dir):
 
 @pytest.fixture(scope="module")
 def nvfp4_file(bf16_file, model_dir):
-    """The project's converter: NVFP4 W4A4 + one W4A16 layer + FP8 for the layers a preset keeps."""
+    """The project's converter: NVFP4 W4A4 blocks, W4A16 layers, one FP8 layer, bf16 edge layers."""
     from nvfp4_lab.quant.checkpoint import open_checkpoint
     from nvfp4_lab.quant.convert import convert
     from nvfp4_lab.quant.rules import PlanOptions, build_plan
 
     with open_checkpoint(bf16_file) as ck:
-        plan = build_plan(ck, PlanOptions(fp8_instead_of_keep=True, w4a16=[r"single_blocks\.1\.linear2"]))
+        plan = build_plan(ck, PlanOptions(keep_first=0, keep_last=0, fp8=[r"double_blocks\.1\.txt_mlp\.2"],
+                                          w4a16=[r"single_blocks\.1\.linear2"]))
+    counts = plan.counts()
+    assert counts.get("nvfp4") and counts.get("nvfp4-w4a16") and counts.get("fp8") and counts.get("bf16"), counts
     out = model_dir / "calib_tiny_flux_nvfp4.safetensors"
     convert(bf16_file, out, plan, progress=False)
     return out
@@ -82,9 +85,11 @@ def expected_linears(path: Path) -> set[str]:
 
 
 def load(path: Path):
+    """UNETLoader's call, under inference mode as the executor runs every node (quantized weights need it)."""
     import comfy.sd
 
-    return comfy.sd.load_diffusion_model(str(path))
+    with torch.inference_mode():
+        return comfy.sd.load_diffusion_model(str(path))
 
 
 def conds():

@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+from comfy_support import FLUX_LATENT, WAN_LATENT, sampling_graph
+
 from nvfp4_lab.quant.tiny_models import OUTLIER_FACTOR, tiny_flux, tiny_wan, write_tiny_model
 
 FLUX_CASES = [dict(), dict(depth=1, depth_single=3, hidden=384, context_dim=768)]
@@ -216,26 +218,6 @@ def test_sensitive_layer_dominates_model_output_error(comfy):
 
 
 # ---- through a real ComfyUI server ------------------------------------------------------------------------
-
-
-def sampling_graph(unet_name: str, latent: dict, prefix: str) -> dict:
-    """UNETLoader -> KSampler (4 steps, cfg 2, Lotus conditioning, zeroed negative) -> SaveLatent; no VAE."""
-    return {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet_name, "weight_dtype": "default"}},
-        "2": {"class_type": "LotusConditioning", "inputs": {}},
-        "3": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["2", 0]}},
-        "4": latent,
-        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": 0, "steps": 4, "cfg": 2.0,
-                                                   "sampler_name": "euler", "scheduler": "simple",
-                                                   "positive": ["2", 0], "negative": ["3", 0],
-                                                   "latent_image": ["4", 0], "denoise": 1.0}},
-        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": prefix}},
-    }
-
-
-FLUX_LATENT = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 1}}
-WAN_LATENT = {"class_type": "EmptyHunyuanLatentVideo",
-              "inputs": {"width": 64, "height": 64, "length": 5, "batch_size": 1}}
 
 
 @pytest.mark.comfyui

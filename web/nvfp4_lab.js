@@ -22,7 +22,7 @@ const STATUS_WIDGET = "nvfp4lab_status";
 const CACHE_PROPERTY = "nvfp4lab_table";   // last payloads (trimmed), so a reloaded workflow shows them again
 const CACHE_ROWS = 100;                     // rows kept per payload in the workflow file
 const VIEW_MIN_HEIGHT = 260;
-const VIEW_GROW_HEIGHT = 440;               // height added to a node when its first table arrives
+const VIEW_GROW_HEIGHT = 420;               // height added to a node at its natural size when a table arrives
 const VIEW_MIN_WIDTH = 600;
 
 const collator = new Intl.Collator(undefined, { numeric: true, sensitivity: "base" });
@@ -324,6 +324,7 @@ class NodeView {
 function ensureView(node, grow) {
   if (node.nvfp4labView) return node.nvfp4labView;
   const view = new NodeView(node);
+  const natural = node.computeSize()[1];  // the node's height without the view
   const widget = node.addDOMWidget(TABLE_WIDGET, "nvfp4lab-table", view.root, {
     serialize: false,
     hideOnZoom: false,
@@ -331,11 +332,14 @@ function ensureView(node, grow) {
   });
   widget.serialize = false;
   node.nvfp4labView = view;
-  // a new table grows the node; a restored one keeps the size saved with the workflow
+  // A node at its natural height grows to make room for the view; a node the workflow already sized larger keeps
+  // its size (the view fills the room), so a saved layout is not pushed into its neighbours. Restored views keep
+  // the saved size too.
   const [w, h] = node.size;
   const min = node.computeSize();
-  node.setSize(grow ? [Math.max(w, VIEW_MIN_WIDTH), Math.max(h + VIEW_GROW_HEIGHT, min[1])]
-    : [Math.max(w, min[0]), Math.max(h, min[1])]);
+  let height = Math.max(h, min[1]);
+  if (grow && h <= natural + 24) height = Math.max(height, h + VIEW_GROW_HEIGHT);
+  node.setSize([Math.max(w, grow ? VIEW_MIN_WIDTH : min[0]), height]);
   node.setDirtyCanvas?.(true, true);
   return view;
 }
