@@ -195,7 +195,7 @@ def tradeoff_png(curve: TradeoffCurve, *, title: str | None = None) -> bytes:
                     label=str(ref.get("label", "reference")))
     limit = curve.budget.get("limit_bytes")
     if limit:
-        ax.axvline(limit / 1e6, color="#888", ls="--", lw=1, label=f"budget {curve.budget.get('text', '')}")
+        ax.axvline(limit / 1e6, color="#888", ls="--", lw=1, label=f"budget {human_bytes(limit)}")
     ax.set_yscale("log")
     ax.set_xlabel("estimated file size (MB)")
     ax.set_ylabel(f"predicted error (Σ {curve.importance} · rel_rmse²)")

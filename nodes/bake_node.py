@@ -16,8 +16,8 @@ from ..quant.errors import CalibrationError, NVFP4Error
 from . import ui
 from .plan_node import SCALE_METHODS
 from .save_node import check_filename, existing_output_message, output_folder, output_path
-from .types import CATEGORY, NONE, Calibration, list_models, list_sessions, pick_calibration, refresh_model_lists, \
-    resolve_model
+from .types import (CATEGORY, NONE, Calibration, file_stamp, list_models, list_sessions, pick_calibration,
+                    refresh_model_lists, resolve_model, resolve_session, stamp_of)
 
 BAKE_COLUMNS = ["layer", "status", "input_scale", "amax x margin", "clip fraction", "calls"]
 
@@ -95,6 +95,12 @@ class NVFP4BakeInputScales(io.ComfyNode):
             ],
             outputs=[io.String.Output(display_name="path"), io.String.Output(display_name="summary")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, checkpoint: str = "", calibration_session: str = NONE,
+                           filename: str = "model_nvfp4_static", **kwargs) -> tuple:
+        out = None if check_filename(filename) else file_stamp(output_path(filename))
+        return stamp_of(resolve_model, checkpoint), stamp_of(resolve_session, calibration_session), out
 
     @classmethod
     def validate_inputs(cls, filename: str = "model_nvfp4_static", overwrite: bool = False) -> bool | str:

@@ -15,7 +15,8 @@ import logging
 
 from comfy_api.latest import io
 
-from .types import CATEGORY, Source, describe_source, inside_model_folders, list_models, resolve_model
+from .types import (CATEGORY, Source, describe_source, inside_model_folders, list_models, resolve_model,
+                    stamp_of)
 
 log = logging.getLogger("nvfp4_lab.nodes")
 
@@ -98,6 +99,10 @@ class NVFP4LoadModel(io.ComfyNode):
             ],
             outputs=[io.Model.Output(display_name="MODEL"), Source.Output(display_name="SOURCE")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, model_name: str = "", **kwargs) -> tuple | None:
+        return stamp_of(resolve_model, model_name)  # re-load when the file changed on disk
 
     @classmethod
     def execute(cls, model_name: str, weight_dtype: str = "default", model_path: str | None = None) -> io.NodeOutput:

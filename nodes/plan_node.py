@@ -19,7 +19,7 @@ from ..quant.errors import PlanError
 from ..quant.plan import Plan
 from . import ui
 from .types import (CATEGORY, NONE, Calibration, ModelSource, PlanSocket, Sensitivity, Source, list_gguf,
-                    list_sessions, pick_calibration, resolve_model)
+                    list_sessions, pick_calibration, resolve_model, resolve_session, stamp_of)
 
 MODES = ["preset", "all"]
 SCALE_METHODS = ["percentile", "max", "mse"]
@@ -156,6 +156,10 @@ class NVFP4BuildPlan(io.ComfyNode):
             ],
             outputs=[PlanSocket.Output(display_name="PLAN"), io.String.Output(display_name="table")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, calibration_session: str = NONE, gguf: str = NONE, **kwargs) -> tuple:
+        return stamp_of(resolve_session, calibration_session), stamp_of(resolve_model, gguf)
 
     @classmethod
     def validate_inputs(cls, include: str = "", exclude: str = "", w4a16: str = "", fp8: str = "",

@@ -17,8 +17,8 @@ from comfy_api.latest import io
 
 from ..quant.errors import NVFP4Error
 from . import ui
-from .types import (CATEGORY, NONE, Calibration, ModelSource, Sensitivity, Source, list_sessions,
-                    pick_calibration, resolve_source)
+from .types import (CATEGORY, NONE, Calibration, ModelSource, Sensitivity, Source, file_stamp, list_sessions,
+                    pick_calibration, resolve_session, resolve_source, stamp_of)
 
 DEVICES = ["auto", "cpu", "cuda"]
 PROBE_COLUMNS = ["layer", "params", "nvfp4 rel_rmse", "nvfp4 SNR dB", "nvfp4-static rel_rmse",
@@ -53,8 +53,6 @@ def run_probe(source: ModelSource, calibration_file, *, device: str = "auto", la
 
 
 def probe_payload(report, label: str, top: int = 20) -> dict:
-    from ..calibration.sensitivity import FP8_STATIC, NVFP4_STATIC  # noqa: F401  (candidate names)
-
     rows = []
     for e in report.layers:
         nv = e.error("nvfp4")
@@ -119,6 +117,14 @@ class NVFP4SensitivityProbe(io.ComfyNode):
             outputs=[Sensitivity.Output(display_name="SENSITIVITY"), io.Image.Output(display_name="plot"),
                      io.String.Output(display_name="text")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, calibration_session: str = NONE, **kwargs) -> tuple:
+        from ..calibration.recorder import input_samples_path
+
+        store = stamp_of(resolve_session, calibration_session)
+        samples = file_stamp(input_samples_path(store[0])) if store else None
+        return store, samples
 
     @classmethod
     def validate_inputs(cls, layers: str = "") -> bool | str:

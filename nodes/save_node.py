@@ -19,8 +19,8 @@ from ..quant.errors import NVFP4Error
 from ..quant.inspect import human_bytes
 from ..quant.plan import Plan
 from . import ui
-from .types import (CATEGORY, Calibration, ModelSource, PlanSocket, Source, calibration_path, model_folders,
-                    refresh_model_lists, resolve_source)
+from .types import (CATEGORY, Calibration, ModelSource, PlanSocket, Source, calibration_path, file_stamp,
+                    model_folders, refresh_model_lists, resolve_source)
 
 log = logging.getLogger("nvfp4_lab.nodes")
 
@@ -170,6 +170,11 @@ class NVFP4SaveCheckpoint(io.ComfyNode):
             ],
             outputs=[io.String.Output(display_name="path"), io.String.Output(display_name="summary")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, filename: str = "model_nvfp4", **kwargs) -> tuple | None:
+        # re-run (when caching is on) if the output was deleted or replaced since the last run
+        return None if check_filename(filename) else file_stamp(output_path(filename))
 
     @classmethod
     def validate_inputs(cls, filename: str = "model_nvfp4", overwrite: bool = False) -> bool | str:

@@ -74,7 +74,8 @@ class ModelSource:
         return open_checkpoint(self.path)
 
     def describe(self) -> str:
-        return f"{self.name} ({self.kind}, {self.tensors} tensors, {self.linear_layers} Linear layers): {self.architecture}"
+        return (f"{self.name} ({self.kind}, {self.tensors} tensors, {self.linear_layers} Linear layers): "
+                f"{self.architecture}")
 
 
 def describe_source(path: str | os.PathLike, name: str | None = None) -> ModelSource:
@@ -261,6 +262,28 @@ def _safe_relative(name: str, what: str) -> Path:
     if not name or rel.is_absolute() or ".." in rel.parts:
         raise NVFP4Error(f"{what} {name!r} must be a name relative to its folder (no '..', not absolute)")
     return rel
+
+
+def file_stamp(path: str | os.PathLike | None) -> tuple | None:
+    """(path, mtime_ns, size) of a file, None when absent: `fingerprint_inputs` values, so a node re-runs when a
+    file it reads (or writes) changed on disk although its widgets did not."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (str(path), None, None)
+    return (str(path), st.st_mtime_ns, st.st_size)
+
+
+def stamp_of(resolve, name: str | None) -> tuple | None:
+    """file_stamp of `resolve(name)`, None when the name does not resolve (validation reports that)."""
+    if not name or name == NONE:
+        return None
+    try:
+        return file_stamp(resolve(name))
+    except Exception:  # noqa: BLE001 - a fingerprint never fails the prompt
+        return None
 
 
 def refresh_model_lists() -> None:

@@ -190,15 +190,34 @@ def column_texts(page: Page, node_id, col: int) -> list[str]:
                    [str(node_id), col])
 
 
-def fit_view(page: Page) -> None:
-    page.js("""async () => {
-        const app = window.app;
-        app.canvas.deselectAll?.();
-        const cmd = app.extensionManager?.command;
-        if (cmd) await cmd.execute('Comfy.Canvas.FitView'); else app.canvas.ds.reset();
-        app.canvas.setDirty(true, true);
-    }""")
-    page.js("() => new Promise(r => setTimeout(r, 800))")  # fit view animates
+def set_focus_mode(page: Page, on: bool) -> None:
+    """Focus mode hides the menus and side bars: the canvas gets the whole window (clean screenshots, no overlap)."""
+    page.js("""async (on) => {
+        if (!!window.app.extensionManager.focusMode !== on) await window.app.extensionManager.command.execute('Workspace.ToggleFocusMode');
+    }""", on)
+    page.js("() => new Promise(r => setTimeout(r, 400))")
+
+
+def fit_view(page: Page, margin: int = 24) -> float:
+    """Zoom and pan so every node and group fills the canvas (no upscaling past 100%); return the zoom."""
+    scale = page.js("""(margin) => {
+        const c = window.app.canvas, g = c.graph;
+        let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+        const add = (b) => { if (!b) return; x0 = Math.min(x0, b[0]); y0 = Math.min(y0, b[1]);
+                             x1 = Math.max(x1, b[0] + b[2]); y1 = Math.max(y1, b[1] + b[3]); };
+        for (const n of g._nodes) add(n.boundingRect);
+        for (const group of (g._groups ?? g.groups ?? [])) add(group._bounding ?? group.boundingRect);
+        const W = c.canvas.clientWidth, H = c.canvas.clientHeight;
+        const s = Math.min((W - 2 * margin) / (x1 - x0), (H - 2 * margin) / (y1 - y0), 1);
+        c.deselectAll?.();
+        c.ds.scale = s;
+        c.ds.offset[0] = (W / s - (x1 - x0)) / 2 - x0;
+        c.ds.offset[1] = (H / s - (y1 - y0)) / 2 - y0;
+        c.setDirty(true, true);
+        return s;
+    }""", margin)
+    page.js("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => setTimeout(r, 300))))")
+    return scale
 
 
 def save_screenshot(page: Page, name: str) -> Path:
@@ -308,8 +327,8 @@ def test_convert_example_renders_sortable_tables(app_page, server):
                 want = min(payload["chart"]["top"], sum(isinstance(v, (int, float)) for v in values))
                 assert view["bars"] == want
 
+    set_focus_mode(app_page, True)  # the canvas alone in the window
     fit_view(app_page)  # every node on screen (clicks need their elements inside the viewport)
-    save_screenshot(app_page, "browser_graph_raw.png")
 
     # sorting: the plan table by a numeric column, then by layer name
     plan_id = next(nid for nid in expected if ours.get(nid) == "NVFP4BuildPlan")
@@ -348,8 +367,10 @@ def test_convert_example_renders_sortable_tables(app_page, server):
     errors = [e for e in app_page.errors_since(mark) if "nvfp4" in e.lower() or "pageerror" in e]
     assert not errors, errors
 
-    fit_view(app_page)
+    zoom = fit_view(app_page)
     shot = save_screenshot(app_page, "browser_graph.png")
+    print(f"screenshot at zoom {zoom:.2f}: {shot}")
+    set_focus_mode(app_page, False)
     assert shot.stat().st_size > 20_000
     if os.environ.get("NVFP4LAB_UPDATE_DOCS") == "1":
         DOCS_PICTURE.parent.mkdir(exist_ok=True)
@@ -413,6 +434,6 @@ def test_calibrate_node_shows_live_counts(app_page, server):
         return {text: s.textContent, ...s.dataset, last: window.NVFP4Lab.lastCalibration}; }""", selector)
     assert status["session"] == session, status
     assert int(status["layers"]) > 0 and int(status["calls"]) > 0 and int(status["prompts"]) == 1, status
-    assert "layers seen" in status["text"] and "calls" in status["text"], status
+    assert f"{int(status['layers'])} layers" in status["text"] and f"{int(status['calls']):,} calls" in status["text"], status
     assert str(status["last"]["node"]) == str(built["cal"]), status
     save_screenshot(app_page, "browser_calibration.png")

@@ -340,10 +340,13 @@ def test_requeued_identical_prompt_records_again_with_classic_cache(executor_nod
     cal_cls = executor_nodes.NODE_CLASS_MAPPINGS["NVFP4Calibrate"]
 
     def run_prompt():
+        # a fresh dict per prompt, as the server parses each POST: the executor stores the fingerprint in the
+        # prompt's node dicts, so reusing one dict would reuse the very same NaN object (and hit the cache)
+        prompt = json.loads(json.dumps(graph))
         pid = str(uuid.uuid4())
-        ok, err, outputs, node_errors = asyncio.run(execution.validate_prompt(pid, graph, None))
+        ok, err, outputs, node_errors = asyncio.run(execution.validate_prompt(pid, prompt, None))
         assert ok, (err, node_errors)
-        asyncio.run(ex.execute_async(graph, pid, {}, outputs))
+        asyncio.run(ex.execute_async(prompt, pid, {}, outputs))
         assert ex.success, ex.status_messages
         return ex.history_result["outputs"]
 

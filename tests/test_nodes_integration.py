@@ -72,6 +72,27 @@ def nvfp4_file(server):
     return path
 
 
+@pytest.fixture(scope="module")
+def calib_store(server, nvfp4_file):
+    """A calibration session in output/nvfp4_calibration: amax for all but the last W4A4 layer of nvfp4_file, plus
+    one layer the file keeps in bf16. Returns (path, W4A4 layers, kept layers)."""
+    from nvfp4_lab.calibration.store import CalibrationStore
+    from nvfp4_lab.quant.checkpoint import open_checkpoint
+
+    with open_checkpoint(nvfp4_file) as ck:
+        layers = ck.layers()
+    w4a4 = [n for n, lay in layers.items() if lay.format == "nvfp4"]
+    kept = [n for n, lay in layers.items() if lay.format == "bf16" and lay.linear]
+    assert w4a4 and kept
+    folder = server.output_dir / "nvfp4_calibration"
+    folder.mkdir(exist_ok=True)
+    store = CalibrationStore()
+    for i, name in enumerate(w4a4[:-1] + kept[:1]):
+        store.record(name, [1.0 + i, 2.0 + i, 3.0 + i], step=0)
+    path = store.save(folder / "it_session.json")
+    return path, w4a4, kept
+
+
 # ---- registration -----------------------------------------------------------------------------------------------
 
 def test_every_node_registers_with_category_and_name(server):
@@ -145,12 +166,23 @@ def test_plan_for_another_model_is_refused_and_nothing_is_written(server):
     assert model_files(server) == before
 
 
+def node_errors(server, graph: dict) -> dict:
+    """POST /prompt and return its node_errors. A node failing validation is refused with HTTP 400 when no output
+    remains, else ComfyUI queues the valid outputs (200) and reports the refused node in node_errors; either way the
+    refused node never runs."""
+    status, payload = server.request("POST", "/prompt", {"prompt": graph, "client_id": server.client_id})
+    assert isinstance(payload, dict), payload
+    if status == 200 and payload.get("prompt_id"):
+        server.wait(payload["prompt_id"])
+    return payload.get("node_errors") or {}
+
+
 def test_save_refuses_to_overwrite_unless_asked(server, nvfp4_file):
     stamp = nvfp4_file.stat().st_mtime_ns
     graph = {"1": load(), "2": plan_node(["1", 1]), "3": save_node(["2", 0], "it_base_nvfp4", source=["1", 1])}
-    with pytest.raises(ComfyError) as err:
-        server.queue(graph)
-    assert "already exists" in str(err.value) and "overwrite" in str(err.value)
+    errors = node_errors(server, graph)
+    details = json.dumps(errors.get("3", {}))
+    assert "already exists" in details and "overwrite" in details, errors
     assert nvfp4_file.stat().st_mtime_ns == stamp
     graph["3"]["inputs"]["overwrite"] = True
     entry = server.run(graph)
@@ -245,23 +277,12 @@ def test_emulate_leaves_no_hooks_and_other_clones_unaffected(comfy, tmp_path):
 
 # ---- Bake Input Scales --------------------------------------------------------------------------------------------
 
-def test_bake_input_scales_writes_scales_and_reports_unmatched(server, nvfp4_file):
-    from nvfp4_lab.calibration.store import CalibrationStore
+def test_bake_input_scales_writes_scales_and_reports_unmatched(server, nvfp4_file, calib_store):
     from nvfp4_lab.quant.checkpoint import open_checkpoint
 
-    with open_checkpoint(nvfp4_file) as ck:
-        layers = ck.layers()
-    w4a4 = [n for n, lay in layers.items() if lay.format == "nvfp4"]
-    kept = [n for n, lay in layers.items() if lay.format == "bf16" and lay.linear]
-    assert w4a4 and kept
-    folder = server.output_dir / "nvfp4_calibration"
-    folder.mkdir(exist_ok=True)
-    store = CalibrationStore()
-    for i, name in enumerate(w4a4[:-1] + kept[:1]):
-        store.record(name, [1.0 + i, 2.0 + i, 3.0 + i], step=0)
-    store.save(folder / "it_bake.json")
+    _, w4a4, kept = calib_store
     graph = {"1": {"class_type": "NVFP4BakeInputScales", "inputs": {
-        "checkpoint": nvfp4_file.name, "calibration_session": "it_bake.json", "method": "max", "percentile": 99.9,
+        "checkpoint": nvfp4_file.name, "calibration_session": "it_session.json", "method": "max", "percentile": 99.9,
         "margin": 1.0, "filename": "it_baked", "overwrite": False}}}
     entry = server.run(graph)
     payload = tables(entry, "1")[0]
@@ -275,14 +296,81 @@ def test_bake_input_scales_writes_scales_and_reports_unmatched(server, nvfp4_fil
     assert baked[w4a4[-1]].input_scale is None
 
 
+def test_save_with_a_calibration_writes_static_input_scales(server, calib_store):
+    from nvfp4_lab.quant.checkpoint import open_checkpoint
+
+    path, w4a4, _ = calib_store
+    graph = {"1": load(), "2": plan_node(["1", 1], input_scale_method="max"),
+             "3": save_node(["2", 0], "it_save_calibrated", source=["1", 1])}
+    graph["3"]["inputs"]["calibration"] = str(path)  # what Calibrate (NVFP4)'s session resolves to
+    entry = server.run(graph)
+    tables(entry, "3")
+    with open_checkpoint(server.models_dir / "it_save_calibrated.safetensors") as ck:
+        layers = ck.layers()
+    assert layers[w4a4[1]].input_scale == pytest.approx(4.0 / 2688, rel=1e-6)
+    assert layers[w4a4[-1]].input_scale is None
+
+
+def test_sharded_model_is_listed_loaded_sampled_and_converted(server):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = server.models_dir / "it_sharded"
+    folder.mkdir(exist_ok=True)
+    sd = load_file(str(server.models_dir / "tiny_flux_other.safetensors"))
+    names = sorted(sd)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    for fname, keys in shards.items():
+        save_file({k: sd[k] for k in keys}, str(folder / fname), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    options = server.object_info("NVFP4LoadModel")["NVFP4LoadModel"]["input"]["required"]["model_name"][1]["options"]
+    assert "it_sharded/model.safetensors.index.json" in options
+    assert not any(o.startswith("it_sharded/model-0000") for o in options), options
+    graph = sample_graph("it_sharded/model.safetensors.index.json", "nvfp4_lab_it/sharded", loader="NVFP4LoadModel")
+    graph["7"] = plan_node(["1", 1], mode="all")
+    graph["8"] = save_node(["7", 0], "it_from_shards", source=["1", 1])
+    entry = server.run(graph)
+    latent = read_latent(server.output_files(entry, "latents")[0])
+    assert bool(torch.isfinite(latent).all())
+    assert (server.models_dir / "it_from_shards.safetensors").is_file()
+
+
+def test_inspect_live_module_tree_of_a_quantized_model(comfy, tmp_path):
+    """A MODEL without a file behind it is inspected from its modules (formats as loaded)."""
+    import comfy.sd
+
+    from nvfp4_lab.nodes.inspect_node import NVFP4InspectLayers
+    from nvfp4_lab.quant.checkpoint import open_checkpoint
+    from nvfp4_lab.quant.convert import convert
+    from nvfp4_lab.quant.rules import PlanOptions, build_plan
+    from nvfp4_lab.quant.tiny_models import write_tiny_model
+
+    src = write_tiny_model("flux", tmp_path / "src.safetensors", depth=2, depth_single=3, hidden=256)
+    with open_checkpoint(src) as ck:
+        plan = build_plan(ck, PlanOptions(mode="all", w4a16=["single_blocks"]))
+    convert(src, tmp_path / "q.safetensors", plan, progress=False)
+    model = comfy.sd.load_diffusion_model(str(tmp_path / "q.safetensors"))
+    model.cached_patcher_init = None  # as if built in memory
+    out = NVFP4InspectLayers.execute(model=model, sort="size", filter="")
+    report = out.args[0]
+    assert report.origin == "live model"
+    fmts = {r["name"]: r["format"] for r in report.rows}
+    assert fmts["double_blocks.0.img_attn.qkv"] == "nvfp4"
+    assert fmts["single_blocks.1.linear1"] == "nvfp4-w4a16"
+    assert fmts["img_in"] == "fp32" or fmts["img_in"] == "bf16"
+    check_payload(out.ui["nvfp4_table"][0])
+
+
 # ---- Sensitivity Probe -----------------------------------------------------------------------------------------------
 
 def test_probe_labels_synthetic_inputs_and_feeds_a_budget_plan(server):
     graph = {"1": load(),
              "2": {"class_type": "NVFP4SensitivityProbe", "inputs": {
-                 "source": ["1", 1], "calibration_session": "none", "device": "cpu", "layers": "^single_blocks", "max_rows": 64,
-                 "top": 10}},
-             "3": plan_node(["1", 1], budget="25MB", sensitivity=["2", 0])}
+                 "source": ["1", 1], "calibration_session": "none", "device": "cpu",
+                 "layers": r"^single_blocks\.[1-4]\.linear", "max_rows": 16, "top": 10}},
+             "3": plan_node(["1", 1], budget="24.5MB", sensitivity=["2", 0])}
     entry = server.run(graph)
     probe = tables(entry, "2")[0]
     assert probe["chart"] == {"label": "nvfp4 output rel. RMSE", "column": 2, "top": 10}

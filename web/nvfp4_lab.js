@@ -21,9 +21,12 @@ const TABLE_WIDGET = "nvfp4lab_table";
 const STATUS_WIDGET = "nvfp4lab_status";
 const CACHE_PROPERTY = "nvfp4lab_table";   // last payloads (trimmed), so a reloaded workflow shows them again
 const CACHE_ROWS = 100;                     // rows kept per payload in the workflow file
-const VIEW_MIN_HEIGHT = 260;
+const VIEW_MIN_HEIGHT = 300;               // incl. the frontend's DOM widget margins
+const CHART_VISIBLE_BARS = 5;               // the chart shows this many bars; the rest of its top N scrolls
 const VIEW_GROW_HEIGHT = 420;               // height added to a node at its natural size when a table arrives
 const VIEW_MIN_WIDTH = 600;
+const STATUS_HEIGHT = 24;
+const DOM_WIDGET_MARGIN = 10;               // the frontend insets DOM widgets by this much on every side
 
 const collator = new Intl.Collator(undefined, { numeric: true, sensitivity: "base" });
 
@@ -153,7 +156,11 @@ class TableView {
     const lines = p.cached ? [...p.summary, p.cached] : p.summary;
     if (lines.length) {
       const ul = el("ul", "nvfp4lab-summary");
-      for (const line of lines) ul.appendChild(el("li", null, line));
+      for (const line of lines) {
+        const li = el("li", null, line);
+        li.title = line;
+        ul.appendChild(li);
+      }
       this.root.appendChild(ul);
     }
     const chart = this.buildChart();
@@ -207,6 +214,7 @@ class TableView {
     if (!items.length) return null;
     const max = Math.max(...items.map((i) => Math.abs(i.value))) || 1;
     const box = el("div", "nvfp4lab-chart");
+    box.style.setProperty("--nvfp4lab-bars", String(Math.min(items.length, CHART_VISIBLE_BARS)));
     box.appendChild(el("div", "nvfp4lab-chart-label", `${c.label}: top ${items.length}`));
     const column = p.columns[c.column];
     for (const it of items) {
@@ -384,37 +392,67 @@ function numberText(v) {
   return isNumber(v) ? v.toLocaleString("en-US") : String(v ?? "?");
 }
 
-function calibrationText(d) {
-  const parts = [];
-  if (d.layers !== undefined) parts.push(`layers seen ${numberText(d.layers)}`);
-  if (d.calls !== undefined) parts.push(`calls ${numberText(d.calls)}`);
-  if (d.prompts !== undefined) parts.push(`prompts ${numberText(d.prompts)}`);
-  if (d.session) parts.push(`session ${d.session}`);
-  if (d.state || d.status) parts.push(String(d.state ?? d.status));
-  return parts.join(" \u00B7 ") || "calibrating\u2026";
+function plural(n, word) {
+  return `${numberText(n)} ${word}${n === 1 ? "" : "s"}`;
 }
 
+function calibrationText(d) {
+  const parts = [];
+  if (d.layers !== undefined) parts.push(plural(d.layers, "layer"));
+  if (d.calls !== undefined) parts.push(plural(d.calls, "call"));
+  if (d.prompts !== undefined) parts.push(plural(d.prompts, "prompt"));
+  const run = d.run && isNumber(d.run.calls) ? ` (+${numberText(d.run.calls)} this run)` : "";
+  return parts.length ? `recorded: ${parts.join(" \u00B7 ")}${run}` : "calibrating\u2026";
+}
+
+function calibrationTitle(d) {
+  const lines = [];
+  if (d.session) lines.push(`session: ${d.session}`);
+  if (d.path) lines.push(`file: ${d.path}`);
+  if (d.layers !== undefined) lines.push(`layers seen: ${numberText(d.layers)}`);
+  if (d.calls !== undefined) lines.push(`calls: ${numberText(d.calls)}`);
+  if (d.prompts !== undefined) lines.push(`prompts: ${numberText(d.prompts)}`);
+  if (d.run) lines.push(`last sampler run: ${numberText(d.run.calls)} calls over ${numberText(d.run.layers)} of ` +
+    `${numberText(d.run.hooked)} hooked layers`);
+  return lines.join("\n");
+}
+
+function ensureStatus(node) {
+  if (node.nvfp4labStatus) return node.nvfp4labStatus;
+  const status = el("div", "nvfp4lab-status");
+  status.dataset.nvfp4labStatus = "calibration";
+  status.dataset.nvfp4labNode = String(node.id);
+  const w = node.addDOMWidget(STATUS_WIDGET, "nvfp4lab-status", status, {
+    serialize: false,
+    hideOnZoom: false,
+    getMinHeight: () => STATUS_HEIGHT + 2 * DOM_WIDGET_MARGIN,
+    getMaxHeight: () => STATUS_HEIGHT + 2 * DOM_WIDGET_MARGIN,
+  });
+  w.serialize = false;
+  node.nvfp4labStatus = status;
+  node.setSize([node.size[0], Math.max(node.size[1], node.computeSize()[1])]);
+  return status;
+}
+
+// Live counts from a "nvfp4lab.calibration" event.
 function showCalibration(node, detail) {
-  let status = node.nvfp4labStatus;
-  if (!status) {
-    status = el("div", "nvfp4lab-status");
-    status.dataset.nvfp4labStatus = "calibration";
-    status.dataset.nvfp4labNode = String(node.id);
-    const w = node.addDOMWidget(STATUS_WIDGET, "nvfp4lab-status", status, {
-      serialize: false,
-      hideOnZoom: false,
-      getMinHeight: () => 26,
-      getMaxHeight: () => 26,
-    });
-    w.serialize = false;
-    node.nvfp4labStatus = status;
-    node.setSize([node.size[0], node.size[1] + 30]);
-  }
+  const status = ensureStatus(node);
   status.textContent = calibrationText(detail);
-  status.title = JSON.stringify(detail);
+  status.title = calibrationTitle(detail);
+  status.classList.add("nvfp4lab-live");
   for (const key of ["layers", "calls", "prompts", "session"]) {
-    if (detail[key] !== undefined) status.dataset[key] = String(detail[key]);
+    if (detail[key] !== undefined && detail[key] !== null) status.dataset[key] = String(detail[key]);
   }
+  node.setDirtyCanvas?.(true, false);
+}
+
+// The text a node returns in ui.text (Calibrate: the session's totals so far, before the sampler runs).
+function showText(node, text) {
+  const lines = text.flatMap((t) => String(t).split("\n")).filter((l) => l.trim());
+  if (!lines.length) return;
+  const status = ensureStatus(node);
+  status.textContent = lines.find((l) => /^so far/i.test(l)) ?? lines[0];
+  status.title = lines.join("\n");
   node.setDirtyCanvas?.(true, false);
 }
 
@@ -447,6 +485,7 @@ app.registerExtension({
     nodeType.prototype.onExecuted = function (output) {
       const r = onExecuted?.apply(this, arguments);
       if (output && output[UI_KEY]) showPayloads(this, output[UI_KEY]);
+      else if (output && Array.isArray(output.text) && /Calibrat/i.test(nodeData.name)) showText(this, output.text);
       return r;
     };
     const onConfigure = nodeType.prototype.onConfigure;
