@@ -77,6 +77,11 @@ safetensors.torch.save_file(out, OUT)
 from nvfp4_lab.quant.convert import convert
 convert(SRC, OUT, plan, device=DEVICE, progress=False)
 """,
+    # the same without the per-layer error measurement and the verification pass: what they cost
+    "ours_unchecked": PLAN + """
+from nvfp4_lab.quant.convert import convert
+convert(SRC, OUT, plan, device=DEVICE, progress=False, measure=False, verify=False)
+""",
 }
 
 
@@ -115,7 +120,7 @@ def main() -> None:
                "make_model_s": time.perf_counter() - t0, "runs": {}}
     out = work / "out.safetensors"
     devices = args.devices.split(",")
-    for method, device in [("raw_io", "cpu")] + [(m, d) for d in devices for m in ("original_method", "ours")]:
+    for method, device in [("raw_io", "cpu")] + [(m, d) for d in devices for m in ("original_method", "ours", "ours_unchecked")]:
         key = method if method == "raw_io" else f"{method}_{device}"
         results["runs"][key] = measure(method, src, out, device)
         print(key, results["runs"][key], flush=True)

@@ -14,8 +14,9 @@ static `input_scale` — is invisible until the model runs on a Blackwell GPU. T
   that is still a plain weight (the MODEL is the bf16 source) gets its weight replaced by quantize→dequantize
   (`calibration.end_to_end.emulated_weight`) through ComfyUI's weight-wrapper mechanism
   (`ModelPatcher.add_weight_wrapper`), which applies per patcher while it is loaded and is wiped when another clone
-  loads. The emulated weight is computed once per layer and cached: memory cost = one extra copy of the quantized
-  layers' weights in the compute dtype.
+  loads. With `cache_weights` (default) the emulated weight is computed once per layer and kept on the compute
+  device: memory cost = one extra copy of the planned layers' weights in the compute dtype (on a GPU, about the size
+  of those layers in bf16). Without it, it is recomputed on every forward (no extra memory, slower).
 * Layers that already run native W4A4 (Blackwell, not flagged W4A16) are left alone: the hardware does it.
 
 Static scale per W4A4 layer (first that exists): the loaded file's own `input_scale` (what the GPU would use), the
@@ -48,8 +49,8 @@ class WeightEmulator:
     """Weight function (ModelPatcher.add_weight_wrapper): returns the layer's quantize→dequantize weight, computed
     once from the weight ComfyUI casts for the forward and cached per (device, dtype)."""
 
-    def __init__(self, layer: str, fmt: str):
-        self.layer, self.fmt = layer, fmt
+    def __init__(self, layer: str, fmt: str, cache: bool = True):
+        self.layer, self.fmt, self.cache = layer, fmt, cache
         self._cache: dict[tuple[str, Any], Any] = {}
 
     def __call__(self, weight):
@@ -59,7 +60,8 @@ class WeightEmulator:
             from ..calibration.end_to_end import emulated_weight
 
             out = emulated_weight(weight, self.fmt, name=self.layer)
-            self._cache[key] = out
+            if self.cache:
+                self._cache[key] = out
         return out
 
 
@@ -101,7 +103,8 @@ def calibration_scales(plan: Plan, calibration: Any) -> dict[str, float]:
 
 
 def emulation_specs(model: Any, plan: Plan, *, activation_scale: str = "plan", emulate_weights: bool = True,
-                    cal_scales: dict[str, float] | None = None) -> tuple[dict, dict, list[list]]:
+                    cal_scales: dict[str, float] | None = None, cache_weights: bool = True
+                    ) -> tuple[dict, dict, list[list]]:
     """(activation fn per layer, weight emulator per layer, table rows) for `model`'s diffusion model."""
     from ..calibration.end_to_end import activation_fn
 
@@ -123,7 +126,7 @@ def emulation_specs(model: Any, plan: Plan, *, activation_scale: str = "plan", e
         else:
             fmt, native, file_scale = dec.format, False, None
             if dec.format in formats.QUANTIZED_FORMATS and emulate_weights:
-                weights[name] = WeightEmulator(name, dec.format)
+                weights[name] = WeightEmulator(name, dec.format, cache_weights)
                 weight_note = f"{dec.format} (emulated)"
             else:
                 weight_note = "as loaded"
@@ -161,7 +164,7 @@ def _pre_hook(act):
 
 
 def emulate(model: Any, plan: Plan, *, calibration: Any = None, activation_scale: str = "plan",
-            emulate_weights: bool = True):
+            emulate_weights: bool = True, cache_weights: bool = True):
     """(emulating clone of `model`, table rows). The input MODEL is never modified."""
     from . import comfy_glue
 
@@ -169,7 +172,7 @@ def emulate(model: Any, plan: Plan, *, calibration: Any = None, activation_scale
         raise NVFP4Error(f"the PLAN input carries a {type(plan).__name__}, not a plan")
     cal = calibration_scales(plan, calibration) if activation_scale != "dynamic" else {}
     acts, weights, rows = emulation_specs(model, plan, activation_scale=activation_scale,
-                                          emulate_weights=emulate_weights, cal_scales=cal)
+                                          emulate_weights=emulate_weights, cal_scales=cal, cache_weights=cache_weights)
     m = model.clone()
     for name, fn in weights.items():
         m.add_weight_wrapper(f"{_DM_PREFIX}{name}.weight", fn)
@@ -203,15 +206,18 @@ class NVFP4EmulateW4A4(io.ComfyNode):
                                        "dynamic; dynamic: always amax/2688 per call."),
                 io.Boolean.Input("emulate_weights", default=True,
                                  tooltip="Quantize→dequantize planned weights that are still plain in the MODEL."),
+                io.Boolean.Input("cache_weights", default=True, advanced=True,
+                                 tooltip="Keep each emulated weight after its first use (one extra copy of the "
+                                         "planned layers on the compute device); off = recompute every forward."),
             ],
             outputs=[io.Model.Output(display_name="MODEL")],
         )
 
     @classmethod
     def execute(cls, model: Any, plan: Plan, calibration: Any = None, activation_scale: str = "plan",
-                emulate_weights: bool = True) -> io.NodeOutput:
+                emulate_weights: bool = True, cache_weights: bool = True) -> io.NodeOutput:
         m, rows = emulate(model, plan, calibration=calibration, activation_scale=activation_scale,
-                          emulate_weights=emulate_weights)
+                          emulate_weights=emulate_weights, cache_weights=cache_weights)
         n_act = sum(1 for r in rows if r[4] not in (None, "none"))
         n_w = sum(1 for r in rows if isinstance(r[3], str) and r[3].endswith("(emulated)"))
         payload = ui.table("Emulate W4A4", EMULATE_COLUMNS, rows,

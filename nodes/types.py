@@ -146,21 +146,24 @@ def model_folders() -> list[Path]:
 
 
 def list_models() -> list[str]:
-    """Names Load Model (NVFP4) offers: ComfyUI's diffusion_models list plus sharded indexes (relative paths)."""
+    """Names Load Model (NVFP4) offers: ComfyUI's diffusion_models list plus sharded indexes (relative paths).
+
+    Uses ComfyUI's cached file list; only folders holding shard files (`*-00001-of-00003.safetensors`) are looked
+    into for a `*.safetensors.index.json`, whose shards are then hidden (pick the index instead)."""
     import folder_paths
 
     names = list(folder_paths.get_filename_list("diffusion_models"))
+    shard_dirs = {Path(n).parent.as_posix() for n in names if _SHARD_RE.search(n)}
     indexes: set[str] = set()
     indexed_dirs: set[str] = set()
-    for root in model_folders():
-        if not root.is_dir():
-            continue
-        for idx in root.rglob("*.safetensors.index.json"):
-            rel = idx.relative_to(root).as_posix()
-            indexes.add(rel)
-            indexed_dirs.add(Path(rel).parent.as_posix())
-    shown = [n for n in names
-             if not (_SHARD_RE.search(n) and Path(n).parent.as_posix() in indexed_dirs)]
+    for rel_dir in shard_dirs:
+        for root in model_folders():
+            folder = root / rel_dir
+            if folder.is_dir():
+                for idx in folder.glob("*.safetensors.index.json"):
+                    indexes.add(idx.relative_to(root).as_posix())
+                    indexed_dirs.add(rel_dir)
+    shown = [n for n in names if not (_SHARD_RE.search(n) and Path(n).parent.as_posix() in indexed_dirs)]
     return sorted(set(shown) | indexes)
 
 

@@ -25,7 +25,9 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -183,10 +185,8 @@ class Checkpoint:
         if self._gguf is not None:
             return self._gguf_tensor(name, info).to(device)
         out = torch.empty(info.nbytes, dtype=torch.uint8)
-        fh = self._file(info.file)
         try:
-            fh.seek(self._data_start[info.file] + info.data_offsets[0])
-            got = fh.readinto(memoryview(out.numpy()).cast("B")) if info.nbytes else 0
+            got = _read_at(self._file(info.file), self._data_start[info.file] + info.data_offsets[0], out)
         except OSError as exc:
             raise CheckpointError(f"{info.file}: cannot read tensor {self._raw[name]!r} ({exc})") from None
         if got != info.nbytes:
@@ -433,6 +433,30 @@ class Checkpoint:
         ):
             return self.tensor(wkey).to(dtype)
         raise CheckpointError(f"{where}: cannot dequantize format {fmt!r}")
+
+
+_READ_LOCK = threading.Lock()
+
+
+def _read_at(fh, offset: int, out: torch.Tensor) -> int:
+    """Fill the uint8 tensor `out` from `fh` at `offset`; positional reads, so threads can share one handle."""
+    view = memoryview(out.numpy()).cast("B")
+    done = 0
+    if hasattr(os, "preadv"):
+        while done < len(view):
+            n = os.preadv(fh.fileno(), [view[done:]], offset + done)
+            if n == 0:
+                break
+            done += n
+        return done
+    with _READ_LOCK:  # no positional reads on this platform: seek + read under a lock
+        fh.seek(offset)
+        while done < len(view):
+            n = fh.readinto(view[done:])
+            if not n:
+                break
+            done += n
+    return done
 
 
 def _norm_conf(conf: dict) -> tuple:

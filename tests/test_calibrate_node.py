@@ -207,6 +207,30 @@ def test_calibration_equals_independent_hooks_and_leaves_nothing_behind(which, c
     assert read_store(sess.store_path).layers["txt_in"].count == before
 
 
+def test_wan_video_model_is_covered_and_equals_independent_hooks(comfy, out_dir, model_dir):
+    """5-D video latents (Wan 2.1): chunks still split along the batch; every Linear recorded exactly."""
+    import nodes
+
+    from nvfp4_lab.nodes.calibrate_node import calibrate
+    from nvfp4_lab.quant.tiny_models import write_tiny_model
+
+    path = write_tiny_model("wan", model_dir / "calib_tiny_wan.safetensors")
+    model = load(path)
+    patched, sess, _ = calibrate(model, f"wan_{uuid.uuid4().hex[:6]}")
+    plain = PlainHooks(model)
+    pos, neg = conds()
+    try:
+        with torch.inference_mode():
+            nodes.common_ksampler(patched, 0, STEPS, 3.0, "euler", "simple", pos, neg,
+                                  {"samples": torch.zeros(1, 16, 2, 8, 8)})
+    finally:
+        plain.remove()
+    store = read_store(sess.store_path)
+    assert_store_matches(store, plain.calls, expected_linears(path))
+    assert store.provenance["models"][0]["architecture"] == "WAN21_T2V"
+    assert store.layers["blocks.0.cross_attn.k"].conds() == ["cond", "uncond"]
+
+
 def test_sessions_accumulate_samples_sidecar_and_another_model_is_refused(comfy, out_dir, bf16_file, model_dir):
     from nvfp4_lab.calibration.recorder import load_input_samples
     from nvfp4_lab.nodes.calibrate_node import calibrate
@@ -350,11 +374,21 @@ def test_requeued_identical_prompt_records_again_with_classic_cache(executor_nod
         assert ex.success, ex.status_messages
         return ex.history_result["outputs"]
 
+    from nvfp4_lab.nodes import comfy_glue
+
+    events = []
+    monkeypatch.setattr(comfy_glue, "send_event", lambda event, data, sid=None: events.append((event, data)))
     path = out_dir / "nvfp4_calibration" / f"{session}.json"
     out1 = run_prompt()
     n1 = read_store(path).layers["txt_in"].count
     assert n1 == STEPS
     assert out1["8"]["text"][0].startswith("Calibration report")
+    assert out1["5"]["nvfp4_session"] == [{"session": session, "path": str(path)}]
+    # live counts for the web extension: the node id, totals and this run
+    (event, data), = events
+    assert event == "nvfp4lab.calibration" and data["node"] == "5" and data["session"] == session
+    assert (data["layers"], data["calls"], data["prompts"]) == (32, 32 * STEPS, 1)
+    assert data["run"] == {"layers": 32, "calls": 32 * STEPS, "hooked": 32}
     run_prompt()                                       # identical prompt, classic cache
     assert read_store(path).layers["txt_in"].count == 2 * n1
     assert read_store(path).provenance["prompts"] == 2

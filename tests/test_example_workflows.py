@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,14 @@ def load_example(name: str) -> dict:
     return json.loads((EXAMPLES / name).read_text(encoding="utf-8"))
 
 
+def clear_outputs(server: ComfyServer, api: dict) -> None:
+    """Remove files the graph's savers will write: the session server is shared, and another test (the browser
+    test runs the examples too) may have written them; Save refuses to overwrite by design."""
+    for node in api.values():
+        if node["class_type"] in ("NVFP4SaveCheckpoint", "NVFP4BakeInputScales"):
+            (server.models_dir / f"{node['inputs']['filename']}.safetensors").unlink(missing_ok=True)
+
+
 # ---- the converter itself -----------------------------------------------------------------------------------------
 
 def test_ui_to_api_maps_widgets_links_and_seed_control(object_info):
@@ -201,6 +210,9 @@ def test_every_example_is_ui_format_and_uses_known_nodes(object_info):
     for p in files:
         wf = json.loads(p.read_text(encoding="utf-8"))
         assert wf.get("version") == 0.4 and isinstance(wf.get("nodes"), list) and isinstance(wf.get("links"), list)
+        if "id" in wf:  # the frontend's schema: an optional UUID string
+            uuid.UUID(wf["id"])
+        assert all(isinstance(g.get("id", 0), int) and len(g["bounding"]) == 4 for g in wf.get("groups", []))
         for node in wf["nodes"]:
             assert {"id", "type", "pos", "size", "inputs", "outputs", "widgets_values"} <= set(node), (p.name, node)
         ui_to_api(wf, object_info)  # every node registered, every widget accounted for
@@ -210,6 +222,7 @@ def test_every_example_is_ui_format_and_uses_known_nodes(object_info):
 
 def test_convert_with_preset_example_runs_and_result_samples(server, object_info):
     api = ui_to_api(load_example("convert_with_preset.json"), object_info)
+    clear_outputs(server, api)
     save_id = next(k for k, v in api.items() if v["class_type"] == "NVFP4SaveCheckpoint")
     filename = api[save_id]["inputs"]["filename"]
     entry = server.run(api)
@@ -237,6 +250,7 @@ def test_calibrate_then_save_example_runs(server, object_info):
     if "NVFP4Calibrate" not in object_info:
         pytest.fail("NVFP4Calibrate is not registered: the calibrate_then_save example cannot run")
     api = ui_to_api(load_example("calibrate_then_save.json"), object_info)
+    clear_outputs(server, api)
     entry = server.run(api)
     save_id = next(k for k, v in api.items() if v["class_type"] == "NVFP4SaveCheckpoint")
     filename = api[save_id]["inputs"]["filename"]
@@ -254,6 +268,7 @@ def test_calibrate_then_save_example_runs(server, object_info):
 
 def test_probe_budget_compare_example_runs(server, object_info):
     api = ui_to_api(load_example("probe_budget_compare.json"), object_info)
+    clear_outputs(server, api)
     entry = server.run(api)
     by_type: dict[str, list[str]] = {}
     for k, v in api.items():

@@ -215,7 +215,8 @@ def _metrics(entry: dict) -> dict:
 
 
 def test_emulate_w4a4_changes_output_but_stays_close(server):
-    entry = server.run(_compare_graph(load(), {"activation_scale": "plan", "emulate_weights": True}))
+    entry = server.run(_compare_graph(load(), {"activation_scale": "plan", "emulate_weights": True,
+                                                      "cache_weights": True}))
     m = _metrics(entry)
     assert m["latent PSNR (dB, reference range)"] is not None, "emulation changed nothing"
     assert 0.9 < m["latent cosine"] < 1.0, m
@@ -225,7 +226,8 @@ def test_emulate_w4a4_changes_output_but_stays_close(server):
 
 def test_emulate_on_an_nvfp4_file_only_fakes_activations(server, nvfp4_file):
     unet = {"class_type": "UNETLoader", "inputs": {"unet_name": nvfp4_file.name, "weight_dtype": "default"}}
-    graph = _compare_graph(unet, {"activation_scale": "dynamic", "emulate_weights": True})
+    graph = _compare_graph(unet, {"activation_scale": "dynamic", "emulate_weights": True,
+                                                 "cache_weights": False})
     entry = server.run(graph)
     emu = tables(entry, "4")[0]
     w4a4 = [r for r in emu["rows"] if r[2] == "W4A4 emulated"]
@@ -251,7 +253,8 @@ def test_emulate_leaves_no_hooks_and_other_clones_unaffected(comfy, tmp_path):
     with open_checkpoint(path) as ck:
         plan = build_plan(ck, PlanOptions(mode="all"))
     model = comfy.sd.load_diffusion_model(str(path))
-    emulated = NVFP4EmulateW4A4.execute(model, plan, activation_scale="plan", emulate_weights=True).args[0]
+    emulated = NVFP4EmulateW4A4.execute(model, plan, activation_scale="plan", emulate_weights=True,
+                                        cache_weights=False).args[0]
     assert not model.weight_wrapper_patches and emulated.weight_wrapper_patches
     ctx = torch.zeros(1, 2, 1024)
     ctx[..., ::5] = 1.0

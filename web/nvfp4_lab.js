@@ -17,6 +17,7 @@ const VERSION = "0.1.0";
 const EXTENSION = "nvfp4lab.table";
 const UI_KEY = "nvfp4_table";
 const CALIBRATION_EVENT = "nvfp4lab.calibration";
+const CALIBRATE_NODE = "NVFP4Calibrate";
 const TABLE_WIDGET = "nvfp4lab_table";
 const STATUS_WIDGET = "nvfp4lab_status";
 const CACHE_PROPERTY = "nvfp4lab_table";   // last payloads (trimmed), so a reloaded workflow shows them again
@@ -26,6 +27,7 @@ const CHART_VISIBLE_BARS = 5;               // the chart shows this many bars; t
 const VIEW_GROW_HEIGHT = 420;               // height added to a node at its natural size when a table arrives
 const VIEW_MIN_WIDTH = 600;
 const STATUS_HEIGHT = 24;
+const STATUS_MIN_WIDTH = 380;
 const DOM_WIDGET_MARGIN = 10;               // the frontend insets DOM widgets by this much on every side
 
 const collator = new Intl.Collator(undefined, { numeric: true, sensitivity: "base" });
@@ -129,8 +131,11 @@ function normalise(p) {
     rows: p.rows.filter(Array.isArray),
     numeric,
     sort: p.sort && Number.isInteger(p.sort.column) ? { column: p.sort.column, descending: !!p.sort.descending } : null,
-    chart: p.chart && Number.isInteger(p.chart.column) ? { label: String(p.chart.label ?? columns[p.chart.column] ?? ""),
-      column: p.chart.column, top: Math.max(1, Number(p.chart.top) || 20) } : null,
+    chart: p.chart && Number.isInteger(p.chart.column) ? {
+      label: String(p.chart.label ?? columns[p.chart.column] ?? ""),
+      column: p.chart.column,
+      top: Math.max(1, Number(p.chart.top) || 20),
+    } : null,
     summary: Array.isArray(p.summary) ? p.summary.map(String) : [],
     cached: p.cached ?? null,
   };
@@ -430,7 +435,7 @@ function ensureStatus(node) {
   });
   w.serialize = false;
   node.nvfp4labStatus = status;
-  node.setSize([node.size[0], Math.max(node.size[1], node.computeSize()[1])]);
+  node.setSize([Math.max(node.size[0], STATUS_MIN_WIDTH), Math.max(node.size[1], node.computeSize()[1])]);
   return status;
 }
 
@@ -462,7 +467,7 @@ function onCalibration(event) {
   let targets = [];
   const node = findNode(id);
   if (node) targets = [node];
-  else targets = (app.graph?._nodes ?? []).filter((n) => /^NVFP4.*Calibrat/i.test(n.comfyClass ?? n.type ?? ""));
+  else targets = (app.graph?._nodes ?? []).filter((n) => (n.comfyClass ?? n.type) === CALIBRATE_NODE);
   for (const n of targets) showCalibration(n, d);
   window.NVFP4Lab.lastCalibration = d;
 }
@@ -485,7 +490,7 @@ app.registerExtension({
     nodeType.prototype.onExecuted = function (output) {
       const r = onExecuted?.apply(this, arguments);
       if (output && output[UI_KEY]) showPayloads(this, output[UI_KEY]);
-      else if (output && Array.isArray(output.text) && /Calibrat/i.test(nodeData.name)) showText(this, output.text);
+      else if (output && Array.isArray(output.text) && nodeData.name === CALIBRATE_NODE) showText(this, output.text);
       return r;
     };
     const onConfigure = nodeType.prototype.onConfigure;
