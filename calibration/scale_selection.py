@@ -15,7 +15,7 @@ Methods (all multiply the chosen scale by ``margin``):
 Error model (``mse`` and ``ScaleChoice.expected_error``). For one call with amax A and static scale s let
 ``r = A / (2688·s)`` (r = 1 is what dynamic quantization uses). ``f(r)`` is the relative MSE
 ``‖x̂−x‖²/‖x‖²`` of that call divided by the same call's error with the dynamic scale. It was computed once with
-:func:`simulate_error_curve`: a numpy transcription of comfy-kitchen's eager NVFP4 fake-quantization (two-level
+:func:`simulate_error_curve`: the bit-exact W4A4 fake-quantization of :func:`quant.nvfp4.fake_quantize` (two-level
 scale, E4M3 RNE block scales, E2M1 RNE elements) on synthetic 256×1024 activations, averaged over 4 seeds:
 
 * ``"outliers"`` (default): N(0,1) with 8 of 1024 channels scaled ×30 — the outlier-channel structure of
@@ -53,10 +53,6 @@ from .legacy import NVFP4_SCALE_DENOM, LegacySummary, summary_to_store
 from .stats import LayerStats
 from .store import CalibrationStore
 
-# = quant.formats constants, repeated so that calibration code never imports torch (checked by a test)
-F4_E2M1_MAX = 6.0
-F8_E4M3_MAX = 448.0
-NVFP4_BLOCK = 16
 METHODS = ("percentile", "max", "mse")
 MIN_SCALE = 1e-12  # as the original: never write a zero input_scale
 
@@ -94,46 +90,6 @@ _ERROR_CURVES: dict[str, tuple[float, list[float]]] = {}  # family -> (dynamic r
 DEFAULT_MODEL = "outliers"
 
 
-def _e4m3_rne(d: np.ndarray) -> np.ndarray:
-    """float32 -> float8_e4m3fn -> float32 with round-to-nearest-even and saturation at 448 (d >= 0)."""
-    d = np.minimum(np.asarray(d, np.float64), F8_E4M3_MAX)
-    out = np.zeros_like(d)
-    sub = d < 2.0 ** -6
-    out[sub] = np.round(d[sub] / 2.0 ** -9) * 2.0 ** -9
-    n = ~sub & (d > 0)
-    q = np.exp2(np.floor(np.log2(d[n])) - 3)
-    out[n] = np.minimum(np.round(d[n] / q) * q, F8_E4M3_MAX)
-    return out
-
-
-def _e2m1_rne(v: np.ndarray) -> np.ndarray:
-    """Round to the E2M1 grid {0, .5, 1, 1.5, 2, 3, 4, 6} (RNE, saturating at 6), keeping the sign."""
-    a = np.minimum(np.abs(v), F4_E2M1_MAX)
-    r = np.where(a < 2, np.round(a * 2) / 2, np.where(a < 4, np.round(a), np.round(a / 2) * 2))
-    return np.sign(v) * r
-
-
-def nvfp4_fake_quantize_np(x: np.ndarray, input_scale: float) -> np.ndarray:
-    """Quantize→dequantize a 2-D activation [tokens, K] (K % 16 == 0) as W4A4 does with a static scale.
-
-    A numpy transcription of comfy-kitchen's eager order of operations (comfy-kitchen-nvfp4.md §4.2): block amax,
-    d = (amax/6)/s in fp32, min(d, 448), E4M3 RNE, t = s·d, v = clamp(x/t, ±6) rounded to E2M1 RNE, x̂ = v·t.
-    Used only to calibrate the error model (quant.nvfp4.fake_quantize is the bit-exact torch implementation).
-    """
-    x = np.asarray(x, np.float32)
-    rows, cols = x.shape
-    if cols % NVFP4_BLOCK:
-        raise ValueError("last dimension must be a multiple of 16")
-    b = x.reshape(rows, cols // NVFP4_BLOCK, NVFP4_BLOCK)
-    amax = np.abs(b).max(-1, keepdims=True)
-    s = np.float32(input_scale)
-    d = (amax / np.float32(6.0)) / s
-    t = s * _e4m3_rne(d).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        v = np.where(t == 0, 0.0, b / t)
-    return (_e2m1_rne(v) * t).astype(np.float32).reshape(rows, cols)
-
-
 def synthetic_activation(family: str, seed: int, shape: tuple[int, int] = (256, 1024)) -> np.ndarray:
     """The synthetic activations the error curves are computed on (see the module docstring)."""
     rng = np.random.default_rng(seed)
@@ -150,6 +106,10 @@ def synthetic_activation(family: str, seed: int, shape: tuple[int, int] = (256, 
 def simulate_error_curve(family: str, log2_r: Iterable[float] = ERROR_LOG2_R, *, seeds: int = 4,
                          shape: tuple[int, int] = (256, 1024)) -> tuple[float, np.ndarray]:
     """(dynamic relative MSE, raw f(r) = err(r)/err(1)) averaged over `seeds` synthetic activations."""
+    import torch  # only for re-deriving the tabulated curves: the selection itself stays torch-free
+
+    from ..quant import nvfp4
+
     log2_r = np.asarray(list(log2_r), np.float64)
     acc = np.zeros(log2_r.shape)
     base_acc = 0.0
@@ -158,8 +118,11 @@ def simulate_error_curve(family: str, log2_r: Iterable[float] = ERROR_LOG2_R, *,
         amax = float(np.abs(x).max())
         energy = float((x.astype(np.float64) ** 2).sum())
 
-        def err(r: float, x=x, amax=amax, energy=energy) -> float:
-            return float(((nvfp4_fake_quantize_np(x, amax / (NVFP4_SCALE_DENOM * r)) - x) ** 2).sum()) / energy
+        xt = torch.from_numpy(x.astype(np.float32))
+
+        def err(r: float, xt=xt, amax=amax, energy=energy) -> float:
+            xq = nvfp4.fake_quantize(xt, amax / (NVFP4_SCALE_DENOM * r))
+            return float(((xq - xt).double() ** 2).sum()) / energy
 
         base = err(1.0)
         base_acc += base

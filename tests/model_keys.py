@@ -8,7 +8,7 @@ Two sources:
 * `comfy_shapes(unet_config)`: instantiates ComfyUI's model class for a detected `unet_config` on the meta device
   (no memory, well under a second even for Qwen-Image's 60 blocks) and returns its state-dict shapes, plus
   `comfy_linear_names` (which names are real `nn.Linear` modules). Needs ComfyUI (`COMFYUI_PATH`, default
-  `~/ComfyUI`); `comfy()` imports it (CPU mode) or raises `ComfyUnavailable` with the reason.
+  `~/ComfyUI`); `comfy()` imports it in CPU mode through tests/comfy_support.py.
 
 `CASES` lists every family/variant the tests cover: the static map, the expected detection, and the `unet_config`
 that ComfyUI's `detect_unet_config` gives for the real model.
@@ -885,34 +885,17 @@ def linear_layers(shapes: Shapes) -> dict[str, tuple[int, int]]:
 # ComfyUI on the meta device
 
 
-class ComfyUnavailable(RuntimeError):
-    """ComfyUI cannot be imported; the message says why (tests skip with it)."""
-
-
-def comfyui_path() -> str:
-    return os.path.expanduser(os.environ.get("COMFYUI_PATH", "~/ComfyUI"))
-
-
 def comfy():
-    """Import ComfyUI from COMFYUI_PATH in CPU mode; returns the `comfy` package or raises ComfyUnavailable."""
-    path = comfyui_path()
-    if not os.path.isfile(os.path.join(path, "comfy", "model_detection.py")):
-        raise ComfyUnavailable(f"ComfyUI not found at {path} (set COMFYUI_PATH)")
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    try:
-        import comfy.cli_args  # noqa: PLC0415
+    """ComfyUI imported in CPU mode (tests/comfy_support.py); the `comfyui` marker skips or fails without it."""
+    from comfy_support import import_comfy  # noqa: PLC0415
 
-        comfy.cli_args.args.cpu = True
-        import comfy.model_detection  # noqa: F401,PLC0415
-        import comfy.ops  # noqa: F401,PLC0415
-        import comfy.supported_models  # noqa: F401,PLC0415
-        import comfy.utils  # noqa: F401,PLC0415
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        raise ComfyUnavailable(f"cannot import ComfyUI from {path}: {exc!r}") from exc
-    import comfy as comfy_pkg  # noqa: PLC0415
+    pkg = import_comfy()
+    import comfy.model_detection  # noqa: F401,PLC0415
+    import comfy.ops  # noqa: F401,PLC0415
+    import comfy.supported_models  # noqa: F401,PLC0415
+    import comfy.utils  # noqa: F401,PLC0415
 
-    return comfy_pkg
+    return pkg
 
 
 def _meta_model(unet_config: dict):

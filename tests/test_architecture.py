@@ -19,10 +19,7 @@ from nvfp4_lab.quant.architecture import (
 )
 from nvfp4_lab.quant.formats import nvfp4_storage_shapes
 
-try:
-    from . import model_keys as mk
-except ImportError:  # tests/ is not a package
-    import model_keys as mk
+import model_keys as mk
 
 CASE_IDS = [c.name for c in mk.CASES]
 
