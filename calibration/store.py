@@ -32,8 +32,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
-import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,7 +46,6 @@ STORE_FORMAT = "nvfp4-lab-calibration"
 STORE_VERSION = 1
 LOCK_SUFFIX = ".lock"
 PENDING_FOLD_VALUES = 2_000_000  # fold queued records into statistics at least this often (bounds memory)
-STALE_LOCK_S = 600.0
 
 
 def _now() -> str:
@@ -116,77 +113,16 @@ def merge_provenance(a: dict, b: dict, *, allow_different_models: bool = False, 
 # ---------------------------------------------------------------------------------------------------- file lock
 @contextlib.contextmanager
 def file_lock(path: str | Path, timeout: float = 60.0) -> Iterator[Path]:
-    """Exclusive inter-process lock on the sidecar ``<path>.lock`` (flock / msvcrt / O_EXCL fallback)."""
+    """Exclusive inter-process lock on the sidecar ``<path>.lock`` (the `filelock` package: flock / Windows locks)."""
+    from filelock import FileLock, Timeout
+
     lock = Path(str(path) + LOCK_SUFFIX)
-    deadline = time.monotonic() + timeout
     try:
-        import fcntl  # POSIX
-    except ImportError:
-        fcntl = None
-    if fcntl is not None:
-        fh = open(lock, "a+b")
-        try:
-            while True:
-                try:
-                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except (BlockingIOError, PermissionError):
-                    if time.monotonic() > deadline:
-                        raise CalibrationError(f"{path}: another process holds {lock} for more than {timeout:.0f} s; "
-                                               "wait for it to finish or remove the stale lock") from None
-                    time.sleep(0.02)
-            try:
-                yield lock
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-        finally:
-            fh.close()
-        return
-    try:
-        import msvcrt  # Windows
-    except ImportError:
-        msvcrt = None
-    if msvcrt is not None:
-        fh = open(lock, "a+b")
-        try:
-            while True:
-                try:
-                    fh.seek(0)
-                    msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise CalibrationError(f"{path}: another process holds {lock} for more than {timeout:.0f} s; "
-                                               "wait for it to finish") from None
-                    time.sleep(0.02)
-            try:
-                yield lock
-            finally:
-                fh.seek(0)
-                msvcrt.locking(fh.fileno(), msvcrt.LK_UNLCK, 1)
-        finally:
-            fh.close()
-        return
-    # Last resort: an exclusive-create lock file.
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.close(fd)
-            break
-        except FileExistsError:
-            with contextlib.suppress(OSError):
-                if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-                    lock.unlink()
-                    continue
-            if time.monotonic() > deadline:
-                raise CalibrationError(f"{path}: lock file {lock} exists for more than {timeout:.0f} s; "
-                                       "remove it if no other process is saving") from None
-            time.sleep(0.02)
-    try:
-        yield lock
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            lock.unlink()
+        with FileLock(lock, timeout=timeout):
+            yield lock
+    except Timeout:
+        raise CalibrationError(f"{path}: another process holds {lock} for more than {timeout:.0f} s; "
+                               "wait for it to finish saving") from None
 
 
 # ---------------------------------------------------------------------------------------------------- the store
