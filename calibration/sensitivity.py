@@ -361,6 +361,7 @@ def weight_metrics(w: torch.Tensor, wv: _WeightVariants | None = None,
     out = {"finite": True, "amax": amax, "rms": math.sqrt(float((wf ** 2).mean())), "excess_kurtosis": kurt,
            "dynamic_range": dyn, "dynamic_range_log2": math.log2(dyn) if dyn and dyn > 0 else None,
            "zero": amax == 0.0}
+    del wf, absw, centered, sample   # fp64 copies of the weight: free them before the SNR pass needs its own
     if wv is not None:
         snr = {}
         ref = wv.get("ref")

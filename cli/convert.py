@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..quant.checkpoint import open_checkpoint
 from ..quant.convert import QUANT_DTYPES, ConvertReport, convert
+from ..quant.errors import PlanError
 from ..quant.plan import Plan
 from ..quant.rules import build_plan
 from .common import eprint, human_bytes
@@ -21,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "options below (default: the auto-detected preset). Streams one tensor at a time.")
     p.add_argument("source", help="source model: .safetensors, *.safetensors.index.json or a folder")
     p.add_argument("output", help="output .safetensors file (never overwritten without --force)")
-    p.add_argument("--plan", metavar="PLAN.json", help="use a saved plan (from `nvfp4 plan`); rule options are ignored")
+    p.add_argument("--plan", metavar="PLAN.json",
+                   help="use a saved plan (from `nvfp4 plan`); cannot be combined with the rule options below")
     p.add_argument("--device", default="cpu", help="where to quantize: cpu (default) or cuda[:N]")
     p.add_argument("--quant-dtype", choices=sorted(QUANT_DTYPES), default="source",
                    help="cast weights to this dtype before quantizing (default: as stored, byte-identical to "
@@ -34,7 +36,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _rule_options_given(args: argparse.Namespace) -> list[str]:
+    """The planning options (as flags) set to a non-default value: with --plan they would be silently ignored."""
+    probe = argparse.ArgumentParser(add_help=False)
+    add_plan_options(probe)
+    given = []
+    for action in probe._actions:
+        if action.dest in vars(args) and getattr(args, action.dest) != action.default and action.option_strings:
+            flag = next(o for o in action.option_strings if o.startswith("--"))
+            if action.dest == "w4a16_shortcuts":
+                flag = "the W4A16 shortcut flags"
+            if flag not in given:
+                given.append(flag)
+    return given
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.plan:
+        given = _rule_options_given(args)
+        if given:
+            raise PlanError(f"--plan takes every decision from {args.plan}; {', '.join(given)} would be ignored: "
+                            "drop them, or edit the plan / re-create it with `nvfp4 plan`")
     with open_checkpoint(args.source) as ckpt:
         if args.plan:
             plan = Plan.load(args.plan)

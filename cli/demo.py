@@ -26,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "measured per-layer weight error.")
     p.add_argument("--model", choices=sorted(DEMO_MODELS), default="flux", help="which tiny model (default flux)")
     p.add_argument("--out", default="nvfp4-demo", help="folder for the demo files (default ./nvfp4-demo)")
-    p.add_argument("--force", action="store_true", help="replace files from an earlier demo run")
+    p.add_argument("--force", action="store_true", help="rebuild the tiny model too (a re-run reuses it and "
+                   "replaces the demo's plan and converted file)")
     p.set_defaults(func=run)
 
 
@@ -35,16 +36,19 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     source = out / f"tiny_{args.model}_bf16.safetensors"
     target = out / f"tiny_{args.model}_nvfp4.safetensors"
-    if source.exists() and not args.force:
+    # A re-run reuses the tiny model and replaces what the demo derived from it (its plan and converted file), so
+    # the README's run command works every time.
+    reuse = source.exists() and not args.force
+    if reuse:
         print(f"using the tiny model from an earlier run: {source}")
     else:
         write_tiny_model(args.model, source, **DEMO_MODELS[args.model])
         print(f"built a tiny {args.model} model: {source}")
     with open_checkpoint(source) as ckpt:
         plan = build_plan(ckpt, PlanOptions())
-    plan.save(out / f"tiny_{args.model}_plan.json")
+    plan.save(out / f"tiny_{args.model}_plan.json", force=args.force or reuse)
     print()
     print(plan.table())
-    report = convert(source, target, plan, force=args.force)
+    report = convert(source, target, plan, force=args.force or reuse)
     print_report(report, worst=10)
     return 0

@@ -196,6 +196,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.output and not args.dry_run:
         raise PlanError("give -o PLAN.json to save the plan, or --dry-run to only print it")
+    if getattr(args, "budget_curve", None) and (not args.budget or args.dry_run or args.output == "-"):
+        raise PlanError("--budget-curve needs --budget (and --sensitivity) and a plan saved with -o PLAN.json")
     options = plan_options_from_args(args)
     with open_checkpoint(args.source) as ckpt:
         plan = build_plan(ckpt, options)

@@ -15,7 +15,7 @@ from ..quant import formats
 from ..quant.errors import CalibrationError, NVFP4Error
 from . import ui
 from .plan_node import SCALE_METHODS
-from .save_node import check_filename, existing_output_message, output_folder, output_path
+from .save_node import check_filename, existing_output_message, output_folder, output_parent, output_path
 from .types import (CATEGORY, NONE, Calibration, file_stamp, list_models, list_sessions, pick_calibration,
                     refresh_model_lists, resolve_model, resolve_session, stamp_of)
 
@@ -38,11 +38,11 @@ def bake(checkpoint: str, calibration_file, *, method: str, percentile: float, m
     out = output_path(filename)
     if out.exists() and not overwrite:
         raise NVFP4Error(existing_output_message(out, filename))
-    out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        report = bake_input_scales(src, out, amax, force=overwrite, provenance={
-            "calibration": calibration_file.name, "method": method, "percentile": percentile, "margin": margin,
-            "source": src.name})
+        with output_parent(out):
+            report = bake_input_scales(src, out, amax, force=overwrite, provenance={
+                "calibration": calibration_file.name, "method": method, "percentile": percentile, "margin": margin,
+                "source": src.name})
     finally:
         refresh_model_lists()
     return report, choices, out

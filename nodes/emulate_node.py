@@ -133,8 +133,10 @@ def emulation_specs(model: Any, plan: Plan, *, activation_scale: str = "plan", e
         scale = None
         if activation_scale != "dynamic" and fmt in (formats.NVFP4, formats.FP8):
             scale = file_scale if file_scale is not None else (cal_scales or {}).get(name, dec.input_scale)
-            if fmt == formats.FP8 and loaded is None and name in (cal_scales or {}):
-                scale = cal_scales[name] * formats.F4_E2M1_MAX   # amax/448 = 6 x the NVFP4 scale
+            if fmt == formats.FP8 and file_scale is None and name in (cal_scales or {}):
+                # calibration scales are NVFP4's (amax/2688); FP8's is amax/448 = 6 x that, whether the FP8 weight
+                # is emulated or was loaded from a file without its own input_scale
+                scale = cal_scales[name] * formats.F4_E2M1_MAX
         act = None if native else (activation_fn(fmt, scale) if fmt in (formats.NVFP4, formats.FP8) else None)
         if act is not None:
             acts[name] = act

@@ -8,6 +8,7 @@ model lists without restarting ComfyUI.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from pathlib import Path
@@ -98,6 +99,27 @@ def with_calibration(plan: Plan, source: ModelSource, calibration: Any) -> Plan:
     return plan
 
 
+@contextlib.contextmanager
+def output_parent(path: Path):
+    """Create `path`'s missing parent folders; remove the ones created here (when still empty) if the body fails,
+    so a refused save leaves nothing behind."""
+    created = []
+    p = path.parent
+    while not p.exists():
+        created.append(p)
+        p = p.parent
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for d in created:  # deepest first
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+
+
 def save_checkpoint(plan: Plan, source: ModelSource, path: Path, *, overwrite: bool = False, verify: bool = True,
                     device: str = "auto", on_progress=None):
     """Convert `source` with `plan` into `path` (parent folders created) and refresh ComfyUI's model list."""
@@ -107,10 +129,10 @@ def save_checkpoint(plan: Plan, source: ModelSource, path: Path, *, overwrite: b
         raise NVFP4Error(f"the PLAN input carries a {type(plan).__name__}, not a plan")
     if path.exists() and not overwrite:
         raise NVFP4Error(existing_output_message(path, path.name))
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        report = convert(source.path, path, plan, device=resolve_device(device), force=overwrite, verify=verify,
-                         progress=False, on_progress=on_progress)
+        with output_parent(path):
+            report = convert(source.path, path, plan, device=resolve_device(device), force=overwrite,
+                             verify=verify, progress=False, on_progress=on_progress)
     finally:
         refresh_model_lists()
     return report

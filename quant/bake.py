@@ -72,7 +72,8 @@ def bake_input_scales(source: str | Path, output: str | Path, amax: dict[str, fl
             raise CheckpointError(f"calibration for layer {layer!r} gives amax {value!r}; it must be positive")
         denom = formats.NVFP4_SCALE_DENOM if formats.is_nvfp4(lay.format) else formats.F8_E4M3_MAX
         scales[layer] = value / denom
-    report.without_scale = [n for n, lay in layers.items() if lay.format == formats.NVFP4 and n not in scales]
+    report.without_scale = [n for n, lay in layers.items()
+                            if lay.format == formats.NVFP4 and n not in scales and lay.input_scale is None]
 
     # Output order: the source's tensors; a layer's new input_scale goes right after its weight.
     specs: list[tuple[str, torch.dtype, tuple[int, ...]]] = []

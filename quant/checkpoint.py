@@ -125,6 +125,7 @@ class Checkpoint:
         self._headers = headers
         self._gguf = gguf  # bare name -> ReaderTensor
         self._handles: dict[Path, Any] = {}
+        self._handles_lock = threading.Lock()  # the converter's prefetch thread opens shards too
         # data section start per file (8-byte length + JSON header), for direct reads
         self._data_start = {f: len(h) for f, h in zip(files, headers)} if gguf is None else {}
         self._layers: dict[str, Layer] | None = None
@@ -165,14 +166,15 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
 
     def _file(self, file: Path):
-        handle = self._handles.get(file)
-        if handle is None:
-            try:
-                handle = open(file, "rb")  # noqa: SIM115 - kept open until close()
-            except OSError as exc:
-                raise CheckpointError(f"{file}: cannot open for reading ({exc.strerror})") from None
-            self._handles[file] = handle
-        return handle
+        with self._handles_lock:
+            handle = self._handles.get(file)
+            if handle is None:
+                try:
+                    handle = open(file, "rb")  # noqa: SIM115 - kept open until close()
+                except OSError as exc:
+                    raise CheckpointError(f"{file}: cannot open for reading ({exc.strerror})") from None
+                self._handles[file] = handle
+            return handle
 
     def tensor(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """Load one tensor (dtype as stored). GGUF: plain float/int types only; quantized types raise.

@@ -334,8 +334,7 @@ def convert(source: str | Path, output: str | Path, plan: Plan, *, device: str =
     """
     if quant_dtype not in QUANT_DTYPES:
         raise NVFP4Error(f"quant_dtype {quant_dtype!r} must be one of {', '.join(QUANT_DTYPES)}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise NVFP4Error("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    _check_device(device)
     start = time.perf_counter()
     with open_checkpoint(source) as ckpt:
         _refuse_unconvertible(ckpt)
@@ -372,6 +371,22 @@ def convert(source: str | Path, output: str | Path, plan: Plan, *, device: str =
                 raise
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _check_device(device: str) -> None:
+    """One-line errors for a device this converter cannot use (instead of a torch traceback mid-conversion)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise NVFP4Error(f"--device {device!r} is not a device this tool uses; use cpu or cuda[:N]")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise NVFP4Error("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise NVFP4Error(f"--device {device!r}: torch sees only {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
 
 
 def _verification_picks(jobs: list[_LayerJob], samples: int = 3) -> list[_LayerJob]:

@@ -555,6 +555,7 @@ def build_plan(ckpt: Any, options: PlanOptions, *, arch: Any = None, preset: Any
         layers=layers, other_dtype=options.other_dtype, options=options.to_dict(), tensor_dtypes=tensor_dtypes,
         report={"notes": [], "warnings": warnings},
     )
+    plan.notes.extend(getattr(ckpt, "notes", []))  # e.g. a full checkpoint's VAE / text encoders are left out
     plan.notes.extend(warnings)
     plan.notes.extend(notes)
     if guide is not None:

@@ -81,3 +81,13 @@ def test_cli_bake_from_a_store(nvfp4_file, tmp_path, capsys):
         for layer in nv:
             expected = float(store.layers[layer].max) / 2688
             assert math.isclose(layers[layer].input_scale, expected, rel_tol=1e-6), layer
+
+
+def test_bake_does_not_call_already_scaled_layers_dynamic(nvfp4_file, tmp_path):
+    """Re-baking one layer: layers that keep the input_scale they already had are not reported as dynamic."""
+    src, plan = nvfp4_file
+    nv = [n for n, d in plan.layers.items() if d.format == formats.NVFP4]
+    first = bake_input_scales(src, tmp_path / "a.safetensors", {nv[0]: 5.376, nv[1]: 2.0})
+    assert set(first.without_scale) == set(nv[2:])
+    second = bake_input_scales(tmp_path / "a.safetensors", tmp_path / "b.safetensors", {nv[2]: 3.0})
+    assert set(second.without_scale) == set(nv[3:])

@@ -328,6 +328,22 @@ def test_convert_example_renders_sortable_tables(app_page, server):
                 want = min(payload["chart"]["top"], sum(isinstance(v, (int, float)) for v in values))
                 assert view["bars"] == want
 
+    # layout: a node placed in a group still ends inside it once its table arrived (nodes grow when they render)
+    outside = app_page.js("""() => {
+        const g = window.app.canvas.graph;
+        const out = [];
+        for (const grp of g._groups ?? g.groups ?? []) {
+            const [gx, gy, gw, gh] = Array.from(grp._bounding ?? grp.bounding);
+            for (const n of g._nodes) {
+                const [x, y] = n.pos, [w, h] = n.size;
+                if (x >= gx && y >= gy && x < gx + gw && y < gy + gh && (x + w > gx + gw + 1 || y + h > gy + gh + 1))
+                    out.push([grp.title, n.id, n.type, [x, y, w, h], [gx, gy, gw, gh]]);
+            }
+        }
+        return out;
+    }""")
+    assert not outside, f"nodes stick out of their group after rendering: {outside}"
+
     # the README picture: the executed example with its tables, fitted into the window without menus
     set_focus_mode(app_page, True)
     zoom = fit_view(app_page)  # also puts every table on screen: clicks need their elements in the viewport

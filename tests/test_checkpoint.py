@@ -511,3 +511,33 @@ def test_dequantize_fp8_and_legacy(tmp_path):
     save_file(lsd, str(legacy))
     with open_checkpoint(legacy) as ck:
         assert torch.allclose(ck.dequantized_weight("a"), lsd["a.weight"].float() * lsd["a.scale_weight"])
+
+
+def test_concurrent_reads_open_each_file_once(tmp_path, monkeypatch):
+    """The converter's prefetch thread and the writer read the same shard at once: one handle per file, no leak."""
+    import threading
+    import time
+
+    from nvfp4_lab.quant import checkpoint as ckmod
+
+    src = tmp_path / "m.safetensors"
+    save_file({"a.weight": torch.ones(4, 4), "b.weight": torch.zeros(4, 4)}, str(src))
+    opened = []
+    real_open = open
+
+    def slow_open(*a, **k):
+        time.sleep(0.05)  # widen the window between "no handle yet" and storing the new one
+        fh = real_open(*a, **k)
+        opened.append(fh)
+        return fh
+
+    monkeypatch.setattr(ckmod, "open", slow_open, raising=False)
+    with open_checkpoint(src) as ckpt:
+        opened.clear()  # open_checkpoint itself peeks at the file's magic bytes
+        threads = [threading.Thread(target=ckpt.tensor, args=(n,)) for n in ("a.weight", "b.weight")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(opened) == 1
+    assert all(fh.closed for fh in opened)

@@ -277,3 +277,57 @@ def test_peak_memory_is_bounded_by_the_largest_tensor(tmp_path):
     extra = m["peak"] - m["before"]
     # largest tensor is 4 MiB; quantization temporaries ~27 B/element = ~57 MiB; allow generous slack
     assert extra < 0.35 * model_bytes, (m, model_bytes)
+
+
+# ---- review fixes ---------------------------------------------------------------------------------------------------
+def _full_checkpoint(flux_src, path):
+    """A ComfyUI full checkpoint: the diffusion model under `model.diffusion_model.` plus VAE / text-encoder keys."""
+    sd = safetensors.torch.load_file(str(flux_src))
+    full = {"model.diffusion_model." + k: v for k, v in sd.items()}
+    full["first_stage_model.decoder.conv_in.weight"] = torch.randn(8, 4, 3, 3)
+    full["text_encoders.clip_l.transformer.text_model.fc.weight"] = torch.randn(32, 32)
+    safetensors.torch.save_file(full, str(path))
+    return path
+
+
+def test_full_checkpoint_says_before_writing_that_other_components_are_dropped(flux_src, tmp_path, capsys):
+    """The plan (and so `convert --dry-run` / `nvfp4 plan`) tells up front that the VAE and text encoders are not
+    part of the output, not only after the file was written."""
+    src = _full_checkpoint(flux_src, tmp_path / "full.safetensors")
+    assert cli_main(["convert", str(src), str(tmp_path / "out.safetensors"), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "first_stage_model." in text and "text_encoders." in text
+    out = tmp_path / "out.safetensors"
+    assert cli_main(["convert", str(src), str(out), "--quiet"]) == 0
+    keys = safetensors.torch.load_file(str(out)).keys()
+    assert keys and all(not k.startswith(("model.", "first_stage_model.", "text_encoders.")) for k in keys)
+
+
+@pytest.mark.parametrize("device", ["gpu", "mps", "cuda:99", "cpu:x"])
+def test_bad_device_is_a_one_line_error(flux_src, tmp_path, capsys, device):
+    out = tmp_path / "dev.safetensors"
+    assert cli_main(["convert", str(flux_src), str(out), "--quiet", "--device", device]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "internal error" not in err
+    assert len(err.strip().splitlines()) == 1 and "--device" in err
+    assert not out.exists()
+
+
+def test_rule_options_with_plan_are_refused(flux_src, tmp_path, capsys):
+    """`convert --plan` takes every decision from the plan: rule options given with it would be silently ignored."""
+    plan_file = tmp_path / "plan.json"
+    assert cli_main(["plan", str(flux_src), "-o", str(plan_file)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "o.safetensors"
+    for extra in (["--other-dtype", "fp16"], ["--include", "img_in"], ["--input-scale-value", "0.5"]):
+        assert cli_main(["convert", str(flux_src), str(out), "--plan", str(plan_file), *extra]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and extra[0] in err[0], err
+        assert not out.exists()
+
+
+def test_demo_runs_twice(tmp_path, capsys):
+    """The README's run command works again on a second run (it reuses the tiny model, replaces its own outputs)."""
+    assert cli_main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    assert cli_main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    assert "verified" in capsys.readouterr().out

@@ -166,6 +166,14 @@ def test_plan_for_another_model_is_refused_and_nothing_is_written(server):
     assert model_files(server) == before
 
 
+def test_failed_save_into_a_new_subfolder_leaves_no_folder(server):
+    graph = {"1": load(), "2": load("tiny_flux_other.safetensors"), "3": plan_node(["1", 1]),
+             "4": save_node(["3", 0], "it_new_subfolder/it_wrong_model", source=["2", 1])}
+    with pytest.raises(ComfyError, match="another model"):
+        server.run(graph)
+    assert not (server.models_dir / "it_new_subfolder").exists()
+
+
 def node_errors(server, graph: dict) -> dict:
     """POST /prompt and return its node_errors. A node failing validation is refused with HTTP 400 when no output
     remains, else ComfyUI queues the valid outputs (200) and reports the refused node in node_errors; either way the
@@ -400,3 +408,29 @@ def test_ui_payload_helper_truncates_and_cleans_cells(comfy):
     check_payload(p)
     assert len(p["rows"]) == 2000 and p["rows"][1][1] is None and "2500" in p["summary"][-1]
     assert p["numeric"] == [True, True]
+
+
+def test_emulate_converts_calibrated_scales_to_the_loaded_format(comfy):
+    """A calibration session holds NVFP4 scales (amax/2688). A layer loaded as FP8 from its file (no input_scale of
+    its own) must get the FP8 scale amax/448 = 6x, as the plan's own FP8 path does; an NVFP4 layer keeps it."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from nvfp4_lab.nodes.emulate_node import emulation_specs
+    from nvfp4_lab.quant.plan import LayerDecision, Plan
+
+    dm = torch.nn.Module()
+    dm.fp8_loaded = torch.nn.Linear(32, 32)
+    dm.fp8_loaded.quant_format = "float8_e4m3fn"
+    dm.fp8_loaded._full_precision_mm = True          # not native: activations are emulated
+    dm.nv_plain = torch.nn.Linear(32, 32)
+    model = SimpleNamespace(model=SimpleNamespace(diffusion_model=dm))
+    plan = Plan(source={"file": "x"}, preset="none", layers={
+        "fp8_loaded": LayerDecision("fp8_loaded", "fp8", "test", (32, 32)),
+        "nv_plain": LayerDecision("nv_plain", "nvfp4", "test", (32, 32))})
+    cal = {"fp8_loaded": 0.01, "nv_plain": 0.02}
+    _, _, rows = emulation_specs(model, plan, cal_scales=cal)
+    scales = {r[0]: r[5] for r in rows}
+    assert scales["nv_plain"] == pytest.approx(0.02)
+    assert scales["fp8_loaded"] == pytest.approx(0.06), rows

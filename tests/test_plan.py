@@ -261,3 +261,15 @@ def test_cli_recipe_with_original_flag_names(tiny_wan_file, tmp_path, capsys):
         "blocks.1.ffn.0", "blocks.2.self_attn.q"}
     assert plan.layers["blocks.1.self_attn.v"].format == "fp16"                  # Q6_K, no --use-fp8
     assert all(plan.layers[n].input_scale == 0.002 for n in nv)
+
+
+def test_budget_curve_without_budget_is_refused_before_saving(tmp_path, capsys):
+    """`--budget-curve` alone used to save the plan and then fail (exit 1 with a plan file left behind)."""
+    from nvfp4_lab.cli.main import main as cli_main
+    from nvfp4_lab.quant.tiny_models import write_tiny_model
+
+    src = write_tiny_model("flux", tmp_path / "f.safetensors", depth=2, depth_single=2, hidden=256)
+    out = tmp_path / "plan.json"
+    assert cli_main(["plan", str(src), "-o", str(out), "--budget-curve", str(tmp_path / "c.png")]) == 1
+    assert "--budget-curve" in capsys.readouterr().err
+    assert not out.exists()
