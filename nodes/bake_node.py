@@ -15,7 +15,8 @@ from ..quant import formats
 from ..quant.errors import CalibrationError, NVFP4Error
 from . import ui
 from .plan_node import SCALE_METHODS
-from .save_node import check_filename, existing_output_message, output_folder, output_parent, output_path
+from .save_node import (check_filename, existing_output_message, output_folder, output_parent, output_path,
+                        validate_output)
 from .types import (CATEGORY, NONE, Calibration, file_stamp, list_models, list_sessions, pick_calibration,
                     refresh_model_lists, resolve_model, resolve_session, stamp_of)
 
@@ -104,13 +105,7 @@ class NVFP4BakeInputScales(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, filename: str = "model_nvfp4_static", overwrite: bool = False) -> bool | str:
-        msg = check_filename(filename)
-        if msg:
-            return msg
-        path = output_path(filename)
-        if path.exists() and not overwrite:
-            return existing_output_message(path, filename)
-        return True
+        return validate_output(filename, overwrite)
 
     @classmethod
     def execute(cls, checkpoint: str, calibration_session: str = NONE, calibration: Any = None,

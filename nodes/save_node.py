@@ -158,6 +158,20 @@ def result_payload(report, plan: Plan, name: str) -> dict:
                     sort=(4, True), chart=("weight rel. RMSE (quantized layers)", 4, 20), summary=summary)
 
 
+def validate_output(filename: str, overwrite: bool) -> bool | str:
+    """Queue-time check of an output name (Save and Bake): True, or the message ComfyUI shows on the node."""
+    msg = check_filename(filename)
+    if msg:
+        return msg
+    try:
+        path = output_path(filename)
+    except NVFP4Error as exc:
+        return str(exc)
+    if path.exists() and not overwrite:
+        return existing_output_message(path, filename)
+    return True
+
+
 class NVFP4SaveCheckpoint(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -200,16 +214,7 @@ class NVFP4SaveCheckpoint(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, filename: str = "model_nvfp4", overwrite: bool = False) -> bool | str:
-        msg = check_filename(filename)
-        if msg:
-            return msg
-        try:
-            path = output_path(filename)
-        except NVFP4Error as exc:
-            return str(exc)
-        if path.exists() and not overwrite:
-            return existing_output_message(path, filename)
-        return True
+        return validate_output(filename, overwrite)
 
     @classmethod
     def execute(cls, plan: Plan, source: ModelSource | None = None, model: Any = None, calibration: Any = None,
