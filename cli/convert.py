@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..calibration.budget import parse_budget
 from ..quant.checkpoint import open_checkpoint
 from ..quant.convert import QUANT_DTYPES, ConvertReport, convert
-from ..quant.errors import PlanError
+from ..quant.errors import NVFP4Error, PlanError
 from ..quant.plan import Plan
 from ..quant.rules import build_plan
 from .common import eprint, human_bytes
@@ -32,8 +33,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", "-n", action="store_true", help="print the plan and the estimated size; write nothing")
     p.add_argument("--no-verify", action="store_true", help="skip re-reading and checking the written file")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no per-layer error table")
+    p.add_argument("--shard-size", metavar="SIZE",
+                   help="write shards of at most SIZE (e.g. 5GB, 4GiB; a layer is never split), each a complete "
+                        "self-describing .safetensors, plus OUTPUT's .safetensors.index.json. Load Model (NVFP4) "
+                        "reads sharded models; stock UNETLoader needs a single file (the default)")
     add_plan_options(p)
     p.set_defaults(func=run)
+
+
+def shard_size(text: str) -> int:
+    """Bytes of a --shard-size value (the same units as --budget, without bits per weight)."""
+    size = parse_budget(text)
+    if size.kind != "bytes":
+        raise NVFP4Error(f"--shard-size {text!r} must be a size such as 5GB or 4GiB")
+    return int(size.value)
 
 
 def _rule_options_given(args: argparse.Namespace) -> list[str]:
@@ -67,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     report = convert(args.source, args.output, plan, device=args.device, force=args.force,
+                     shard_bytes=shard_size(args.shard_size) if args.shard_size else None,
                      verify=not args.no_verify, progress=not args.quiet, quant_dtype=args.quant_dtype)
     print_report(report, quiet=args.quiet)
     return 0

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import formats, fp8, nvfp4
+from .atomic import atomic_output, check_output_path
 from .checkpoint import LEGACY_MARKER, QUANT_METADATA_KEY, Checkpoint, Layer, open_checkpoint
 from .errors import CheckpointError, NVFP4Error
 from .plan import LayerDecision, Plan
@@ -326,22 +327,32 @@ def _refuse_unconvertible(ckpt: Checkpoint) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 def convert(source: str | Path, output: str | Path, plan: Plan, *, device: str = "cpu", force: bool = False,
             verify: bool = True, progress: bool = True, quant_dtype: str = "source", measure: bool = True,
+            shard_bytes: int | None = None,
             on_progress: Callable[[int, int], None] | None = None) -> ConvertReport:
     """Write `output` from `source` following `plan`; return what was done and the per-layer weight error.
 
     `quant_dtype` casts plain weights before quantizing ("source" keeps them: byte-identical to quantizing the
-    stored tensor in ComfyUI). `on_progress(done, total)` is called after every tensor (for ComfyUI's progress bar).
+    stored tensor in ComfyUI). `shard_bytes` splits the output into shards of at most that size (a layer is never
+    split) named `<stem>-00001-of-0000N.safetensors` plus `<stem>.safetensors.index.json`; `output` then names the
+    index. `on_progress(done, total)` is called after every tensor (for ComfyUI's progress bar).
     """
     if quant_dtype not in QUANT_DTYPES:
         raise NVFP4Error(f"quant_dtype {quant_dtype!r} must be one of {', '.join(QUANT_DTYPES)}")
+    if shard_bytes is not None and shard_bytes <= 0:
+        raise NVFP4Error(f"shard size {shard_bytes!r} must be a positive number of bytes")
     _check_device(device)
     start = time.perf_counter()
     with open_checkpoint(source) as ckpt:
         _refuse_unconvertible(ckpt)
         plan.check_against(ckpt)
         outputs, jobs, quant = _layout(ckpt, plan, device, QUANT_DTYPES[quant_dtype], measure)
-        specs = [(o.name, o.dtype, o.shape) for o in outputs]
-        writer = SafetensorsWriter(output, specs, _metadata(ckpt, plan, quant), force=force, inputs=ckpt.files)
+        metadata = _metadata(ckpt, plan, quant)
+        files = _output_files(Path(output), outputs, metadata, quant, shard_bytes)
+        writers = [SafetensorsWriter(path, [(o.name, o.dtype, o.shape) for o in outs], meta, force=force,
+                                     inputs=ckpt.files) for path, outs, meta in files]
+        index = _index_path(Path(output)) if shard_bytes is not None else None
+        if index is not None:
+            check_output_path(index, force=force, inputs=ckpt.files)
         for job in _verification_picks(jobs) if verify else ():
             job.check = True
         bar = _progress_bar(len(outputs), progress, Path(output).name)
@@ -350,27 +361,96 @@ def convert(source: str | Path, output: str | Path, plan: Plan, *, device: str =
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvfp4-prefetch")
         for job, nxt in zip(jobs, jobs[1:]):
             job.next, nxt.pool = nxt, pool
+        written: list[Path] = []
+        done = 0
         try:
-            with writer:
-                for i, out in enumerate(outputs, 1):
-                    writer.write(out.name, out.make())
-                    bar.update(1)
-                    if on_progress is not None:
-                        on_progress(i, len(outputs))
+            for writer, (path, outs, _meta) in zip(writers, files):
+                with writer:
+                    for out in outs:
+                        writer.write(out.name, out.make())
+                        done += 1
+                        bar.update(1)
+                        if on_progress is not None:
+                            on_progress(done, len(outputs))
+                written.append(path)
+            if index is not None:
+                _write_index(index, files, metadata)
+                written.append(index)
+        except BaseException:
+            for path in written:  # a sharded output is all or nothing
+                path.unlink(missing_ok=True)
+            raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
-        report = ConvertReport(output=Path(output), input_bytes=sum(f.stat().st_size for f in ckpt.files),
-                               output_bytes=Path(output).stat().st_size, seconds=0.0,
+        result = index or Path(output)
+        report = ConvertReport(output=result, input_bytes=sum(f.stat().st_size for f in ckpt.files),
+                               output_bytes=sum(p.stat().st_size for p, _, _ in files), seconds=0.0,
                                layers=[j.result for j in jobs], notes=list(ckpt.notes))
         if verify:
             try:
-                verify_output(ckpt, Path(output), plan, report)
+                verify_output(ckpt, result, plan, report)
             except BaseException:
-                Path(output).unlink(missing_ok=True)
+                for path in written:
+                    path.unlink(missing_ok=True)
                 raise
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _index_path(output: Path) -> Path:
+    name = output.name
+    for suffix in (".safetensors.index.json", ".index.json", ".safetensors"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return output.with_name(name + ".safetensors.index.json")
+
+
+def _output_files(output: Path, outputs: list[_Output], metadata: dict[str, str], quant: dict[str, dict],
+                  shard_bytes: int | None) -> list[tuple[Path, list[_Output], dict[str, str]]]:
+    """(path, tensors, header metadata) of every file to write: one file, or shards that never split a layer.
+
+    Every shard is self-describing: the source metadata, the provenance, and a `_quantization_metadata` naming the
+    quantized layers it holds (their `comfy_quant` markers travel with them)."""
+    if shard_bytes is None:
+        return [(output, outputs, metadata)]
+    groups: list[list[_Output]] = []
+    for out in outputs:  # a layer's tensors share its name stem and are contiguous
+        stem = out.name.rsplit(".", 1)[0]
+        if groups and groups[-1][-1].name.rsplit(".", 1)[0] == stem and stem in quant:
+            groups[-1].append(out)
+        else:
+            groups.append([out])
+    shards: list[list[_Output]] = [[]]
+    size = 0
+    for group in groups:
+        nbytes = sum(math.prod(o.shape) * o.dtype.itemsize for o in group)
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].extend(group)
+        size += nbytes
+    stem = _index_path(output).name[: -len(".safetensors.index.json")]
+    files = []
+    for i, outs in enumerate(shards, 1):
+        meta = {k: v for k, v in metadata.items() if k != QUANT_METADATA_KEY}
+        layers = {o.name[: -len(".comfy_quant")] for o in outs if o.name.endswith(".comfy_quant")}
+        if layers:
+            meta[QUANT_METADATA_KEY] = json.dumps({"format_version": "1.0",
+                                                   "layers": {n: quant[n] for n in quant if n in layers}})
+        files.append((output.with_name(f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"), outs, meta))
+    return files
+
+
+def _write_index(index: Path, files: list[tuple[Path, list[_Output], dict[str, str]]],
+                 metadata: dict[str, str]) -> None:
+    weight_map = {o.name: path.name for path, outs, _ in files for o in outs}
+    total = sum(math.prod(o.shape) * o.dtype.itemsize for _, outs, _ in files for o in outs)
+    meta = {k: v for k, v in metadata.items() if k != QUANT_METADATA_KEY}  # each shard names its own layers
+    doc = {"metadata": {**meta, "total_size": total}, "weight_map": weight_map}
+    with atomic_output(index, force=True) as tmp:
+        tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
 
 
 def _check_device(device: str) -> None:
