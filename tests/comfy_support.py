@@ -303,14 +303,16 @@ def _free_port() -> int:
 
 
 # ---- graphs shared by the integration tests -----------------------------------------------------------------
-def sampling_graph(unet_name: str, latent: dict, prefix: str) -> dict:
-    """UNETLoader -> KSampler (4 steps, cfg 2, Lotus conditioning, zeroed negative) -> SaveLatent; no VAE."""
+def sampling_graph(unet_name: str, latent: dict, prefix: str, *, loader: str = "UNETLoader", steps: int = 4) -> dict:
+    """A model loader (UNETLoader or NVFP4LoadModel) -> KSampler (cfg 2, Lotus conditioning, zeroed negative) ->
+    SaveLatent; no VAE."""
+    name_input = "unet_name" if loader == "UNETLoader" else "model_name"
     return {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet_name, "weight_dtype": "default"}},
+        "1": {"class_type": loader, "inputs": {name_input: unet_name, "weight_dtype": "default"}},
         "2": {"class_type": "LotusConditioning", "inputs": {}},
         "3": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["2", 0]}},
         "4": latent,
-        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": 0, "steps": 4, "cfg": 2.0,
+        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": 0, "steps": steps, "cfg": 2.0,
                                                    "sampler_name": "euler", "scheduler": "simple",
                                                    "positive": ["2", 0], "negative": ["3", 0],
                                                    "latent_image": ["4", 0], "denoise": 1.0}},

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from comfy_support import REPO_ROOT, ComfyServer
+from comfy_support import REPO_ROOT, ComfyServer, sampling_graph
 
 pytestmark = pytest.mark.comfyui
 
@@ -140,20 +140,9 @@ def read_latent(path: Path):
 
 
 def sample_graph(unet_name: str, prefix: str, *, loader: str = "UNETLoader", size: int = 64, steps: int = 3) -> dict:
-    """API graph: a model loader -> KSampler (LotusConditioning / ConditioningZeroOut) -> SaveLatent."""
-    load = ({"class_type": "UNETLoader", "inputs": {"unet_name": unet_name, "weight_dtype": "default"}}
-            if loader == "UNETLoader" else
-            {"class_type": "NVFP4LoadModel", "inputs": {"model_name": unet_name, "weight_dtype": "default"}})
-    return {
-        "1": load,
-        "2": {"class_type": "LotusConditioning", "inputs": {}},
-        "3": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["2", 0]}},
-        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": 0, "steps": steps, "cfg": 2.0,
-                                                   "sampler_name": "euler", "scheduler": "simple", "positive": ["2", 0],
-                                                   "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
-        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": prefix}},
-    }
+    """comfy_support.sampling_graph on a small Flux latent."""
+    latent = {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}}
+    return sampling_graph(unet_name, latent, prefix, loader=loader, steps=steps)
 
 
 # ---- fixtures -----------------------------------------------------------------------------------------------------
