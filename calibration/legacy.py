@@ -147,17 +147,21 @@ def _is_compressed(path: Path, head: bytes) -> str | None:
     return None
 
 
-def open_text(path: str | Path) -> io.TextIOBase:
-    """Open a log as UTF-8 text (errors replaced), decompressing gzip / xz / bzip2 by magic bytes or suffix."""
-    p = Path(path)
+def _head(p: Path, nbytes: int, expected: str) -> bytes:
+    """The first bytes of an input file; CalibrationError naming it when it is missing or a folder."""
     try:
         with open(p, "rb") as fh:
-            head = fh.read(8)
+            return fh.read(nbytes)
     except FileNotFoundError:
         raise CalibrationError(f"{p}: no such file") from None
     except IsADirectoryError:
-        raise CalibrationError(f"{p}: is a directory, not a log file") from None
-    kind = _is_compressed(p, head)
+        raise CalibrationError(f"{p}: is a directory; give {expected}") from None
+
+
+def open_text(path: str | Path) -> io.TextIOBase:
+    """Open a log as UTF-8 text (errors replaced), decompressing gzip / xz / bzip2 by magic bytes or suffix."""
+    p = Path(path)
+    kind = _is_compressed(p, _head(p, 8, "a log file"))
     opener = {"gz": gzip.open, "xz": lzma.open, "bz2": bz2.open, None: open}[kind]
     return opener(p, "rt", encoding="utf-8", errors="replace")  # type: ignore[operator]
 
@@ -614,13 +618,7 @@ def write_csv(path: str | Path, doc: dict, *, force: bool = False, inputs: Seque
 def detect_kind(path: str | Path) -> str:
     """'store', 'summary' or 'log' for an input file (CalibrationError for missing or unrecognizable files)."""
     p = Path(path)
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(4096)
-    except FileNotFoundError:
-        raise CalibrationError(f"{p}: no such file") from None
-    except IsADirectoryError:
-        raise CalibrationError(f"{p}: is a directory; give a store, summary or log file") from None
+    head = _head(p, 4096, "a store, summary or log file")
     if _is_compressed(p, head):
         return "log"
     stripped = head.lstrip()
